@@ -1,0 +1,130 @@
+"""HTTP plumbing shared by the blueprints: one decorator declares an endpoint, parses and
+validates its body, runs it in a transaction, serialises the answer, and records it for the
+OpenAPI document. Every error becomes JSON here."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any, Callable
+
+from flask import Blueprint, Flask, Response as FlaskResponse, current_app, jsonify, request
+from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import HTTPException
+
+from app.db import transaction
+from app.errors import DomainError, InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    rule: str
+    method: str
+    summary: str
+    request: type[BaseModel] | None
+    response: type[BaseModel] | None
+    tag: str
+
+
+ENDPOINTS: list[Endpoint] = []
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def read_json_body() -> dict[str, Any]:
+    """The body as a JSON object, whatever the Content-Type: the seed's curl calls send -d
+    without one, so form-encoded JSON must parse too."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"malformed JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("the JSON body must be an object")
+    return data
+
+
+def parse(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        fields = [
+            {"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"]}
+            for err in exc.errors()
+        ]
+        names = ", ".join(f["field"] for f in fields)
+        raise InvalidInput(f"invalid fields: {names}", fields=fields) from None
+
+
+def settings():
+    return current_app.config["SETTINGS"]
+
+
+def endpoint(
+    bp: Blueprint,
+    rule: str,
+    method: str,
+    *,
+    summary: str,
+    request_model: type[BaseModel] | None = None,
+    response_model: type[BaseModel] | None = None,
+    transactional: bool = True,
+):
+    """Declare an endpoint. The view gets (session, body, **url_args), or (body, **url_args)
+    when it manages its own transactions (long polls, enqueueing after commit)."""
+
+    def decorate(view: Callable) -> Callable:
+        @wraps(view)
+        def handle(**url_args):
+            if request_model is None:
+                body = None
+            elif method == "GET":
+                body = parse(request_model, request.args.to_dict())
+            else:
+                body = parse(request_model, read_json_body())
+            if transactional:
+                with transaction(settings().database_url) as session:
+                    result = view(session, body, **url_args)
+            else:
+                result = view(body, **url_args)
+            if isinstance(result, FlaskResponse) or response_model is None:
+                return result
+            return jsonify(response_model.model_validate(result).model_dump(mode="json"))
+
+        bp.add_url_rule(rule, view.__name__, handle, methods=[method])
+        ENDPOINTS.append(Endpoint(rule, method, summary, request_model, response_model, bp.name))
+        return view
+
+    return decorate
+
+
+def error_body(status: int, message: str, **details) -> FlaskResponse:
+    response = jsonify({"error": message, **details})
+    response.status_code = status
+    return response
+
+
+def install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(DomainError)
+    def domain_error(exc: DomainError):
+        return error_body(exc.status, exc.message, **exc.details)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        if exc.code == 413:
+            limit = current_app.config.get("MAX_CONTENT_LENGTH")
+            return error_body(413, f"request body too large (limit {limit} bytes)")
+        return error_body(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_body(500, f"internal error: {type(exc).__name__}")

@@ -1,0 +1,356 @@
+"""Request and response bodies, named by direction. The OpenAPI document is generated from these."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.models import FINISHED_STATUSES, LIVE_STATUSES
+
+ExperimentId = Field(min_length=1, max_length=40, description="id returned by register or submit")
+TagName = Field(min_length=1, max_length=64, description="run tag; also the git branch autoresearch/<tag>")
+NonNegative = Field(default=None, ge=0, allow_inf_nan=False)
+Status = Literal[LIVE_STATUSES + FINISHED_STATUSES]  # type: ignore[valid-type]
+
+
+class Request(BaseModel):
+    # strict: "1.5" is not a number and 1 is not a string; unknown fields are ignored as in the seed.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# --- requests -------------------------------------------------------------------------------
+
+class TagQuery(Request):
+    tag: str = TagName
+
+
+class SetupCreate(Request):
+    tag: str = TagName
+    profile: str | None = Field(default=None, description="prepare.py profile; default from AUTORESEARCH_PROFILE")
+
+
+class ExperimentCreate(Request):
+    tag: str = TagName
+    commit_sha: str = Field(min_length=4, max_length=64, pattern=r"^[0-9a-fA-F]+$")
+    description: str = Field(min_length=1, max_length=2000)
+    hypothesis: str = Field(min_length=1, max_length=4000)
+    category: str = Field(min_length=1, max_length=32)
+    diff_summary: str = Field(default="", max_length=20000)
+    parent_id: str | None = Field(default=None, max_length=40)
+    gpu_id: str | None = Field(default=None, max_length=128)
+
+
+class ExperimentSubmit(ExperimentCreate):
+    train_py: str | None = Field(default=None, max_length=1_000_000, description="the train.py source; else read from REPO_DIR at commit_sha")
+    gpu_index: int | None = Field(default=None, ge=0, description="pin to this GPU's queue")
+    acknowledge_crashes: bool = Field(default=False, description="reset the tag's consecutive crashes after a crash limit tripped")
+
+
+class ExperimentComplete(Request):
+    experiment_id: str = ExperimentId
+    val_bpb: float = Field(ge=0, allow_inf_nan=False)
+    peak_vram_mb: float | None = NonNegative
+    training_seconds: float | None = NonNegative
+    total_seconds: float | None = NonNegative
+    total_tokens_m: float | None = NonNegative
+    mfu_percent: float | None = NonNegative
+    num_steps: int | None = Field(default=None, ge=0)
+    num_params_m: float | None = NonNegative
+    depth: int | None = Field(default=None, ge=0)
+    profile: str | None = Field(default=None, max_length=32)
+
+
+class ExperimentCrash(Request):
+    experiment_id: str = ExperimentId
+    error: str = Field(min_length=1, max_length=100_000)
+
+
+class ExperimentRef(Request):
+    experiment_id: str = ExperimentId
+
+
+class ExperimentWait(Request):
+    experiment_id: str = ExperimentId
+    timeout_s: float = Field(default=60, ge=0, le=600, allow_inf_nan=False)
+
+
+class HistoryQuery(Request):
+    tag: str = TagName
+    status: Status | None = None
+    limit: int | None = Field(default=None, ge=1, le=10_000)
+
+
+class NearMissQuery(Request):
+    tag: str = TagName
+    limit: int = Field(default=20, ge=1, le=1000)
+
+
+class StrategySet(Request):
+    tag: str = TagName
+    mode: Literal["explore", "exploit", "combine", "ablation"]
+    reason: str = Field(min_length=1, max_length=2000)
+    explore_ratio: float = Field(default=0.7, ge=0, le=1, allow_inf_nan=False)
+    temperature: float = Field(default=1.0, ge=0, le=10, allow_inf_nan=False)
+
+
+class GpuRegister(Request):
+    gpu_id: str = Field(min_length=1, max_length=128)
+    gpu_index: int = Field(ge=0)
+    gpu_name: str = Field(min_length=1, max_length=255)
+    vram_mb: float = Field(ge=0, allow_inf_nan=False)
+    host: str = Field(default="", max_length=255)
+
+
+class GpuHeartbeat(Request):
+    gpu_id: str = Field(min_length=1, max_length=128)
+    telemetry: dict[str, Any] | None = None
+
+
+class GpuRef(Request):
+    gpu_id: str = Field(min_length=1, max_length=128)
+
+
+class GpuAcquire(Request):
+    experiment_id: str = ExperimentId
+
+
+class GpuRelease(Request):
+    gpu_id: str = Field(min_length=1, max_length=128)
+    experiment_id: str = ExperimentId
+
+
+class DiffQuery(Request):
+    experiment_a: str = ExperimentId
+    experiment_b: str = ExperimentId
+
+
+# --- responses ------------------------------------------------------------------------------
+
+class Progress(Response):
+    step: int | None = None
+    progress_pct: float | None = None
+    loss: float | None = None
+    tokens_per_sec: float | None = None
+    mfu_percent: float | None = None
+    remaining_s: float | None = None
+
+
+class ExperimentPublic(Response):
+    id: str
+    tag: str
+    parent_id: str | None
+    commit_sha: str
+    description: str
+    hypothesis: str
+    category: str
+    diff_summary: str
+    status: str
+    profile: str | None
+    val_bpb: float | None
+    peak_vram_mb: float | None
+    training_seconds: float | None
+    total_seconds: float | None
+    total_tokens_m: float | None
+    mfu_percent: float | None
+    num_steps: int | None
+    num_params_m: float | None
+    depth: int | None
+    delta: float | None
+    near_miss: bool
+    gpu_id: str | None
+    gpu_index: int | None
+    pinned_gpu: int | None
+    task_id: str | None
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+    progress: Progress | None
+    cancel_requested: bool
+
+
+class TagPublic(Response):
+    name: str
+    branch: str
+    profile: str
+    created_at: str | None
+    best_val_bpb: float | None
+    best_experiment_id: str | None
+    total_experiments: int
+    kept_experiments: int
+    discarded_experiments: int
+    crashed_experiments: int
+    consecutive_crashes: int
+
+
+class SetupPublic(Response):
+    tag: TagPublic
+    branch: str
+
+
+class Registered(Response):
+    experiment_id: str
+    status: str
+
+
+class Submitted(Response):
+    experiment_id: str
+    status: str
+    task_id: str
+    queue: str
+
+
+class Decision(Response):
+    experiment_id: str
+    status: str
+    val_bpb: float
+    improved: bool
+    delta: float
+    best_val_bpb: float | None
+    near_miss: bool
+    action: Literal["keep_commit", "git_reset"]
+
+
+class CrashRecorded(Response):
+    experiment_id: str
+    status: str
+    consecutive_crashes: int
+    should_abort: bool
+    action: Literal["git_reset"]
+
+
+class HistoryPublic(Response):
+    experiments: list[ExperimentPublic]
+    total: int
+
+
+class BestPublic(Response):
+    best: dict[str, Any]
+    experiment: ExperimentPublic
+
+
+class NearMissPublic(Response):
+    experiment_id: str
+    tag: str
+    val_bpb: float | None
+    delta: float
+    hypothesis: str
+    category: str
+    diff_summary: str
+
+
+class NearMissesPublic(Response):
+    near_misses: list[NearMissPublic]
+    total: int
+
+
+class StrategyPublic(Response):
+    mode: str
+    explore_ratio: float | None = None
+    temperature: float | None = None
+    updated_at: str | None = None
+    reason: str | None = None
+
+
+class SuggestionPublic(Response):
+    strategy: str
+    total_experiments: int
+    category_stats: dict[str, dict[str, int]]
+    underexplored_categories: list[str]
+    high_yield_categories: list[str]
+    near_misses_available: int
+    near_miss_categories: list[str]
+    near_miss_pairs: list[dict[str, Any]]
+    recent_bpb_trend: list[float]
+    suggestions: list[str]
+
+
+class GpuPublic(Response):
+    id: str
+    name: str
+    gpu_index: int
+    host: str
+    gpu_name: str
+    vram_mb: float
+    status: str
+    current_experiment_id: str | None
+    registered_at: str | None
+    last_heartbeat: str | None
+    telemetry: dict[str, Any] | None
+
+
+class GpuRegistered(Response):
+    registered: bool
+    worker: GpuPublic
+
+
+class PoolPublic(Response):
+    workers: list[GpuPublic]
+    total: int
+    idle: int
+    training: int
+    offline: int
+
+
+class Acquired(Response):
+    acquired: bool
+    gpu_id: str | None
+    gpu_index: int | None = None
+    reason: str | None = None
+
+
+class Flag(Response):
+    """A one-key acknowledgement such as {"ok": true} or {"released": true}."""
+
+
+class SummaryPublic(Response):
+    tag: str
+    branch: str
+    profile: str
+    best: dict[str, Any] | None
+    stats: dict[str, Any]
+    categories: dict[str, int]
+    bpb_progression: list[dict[str, Any]]
+    total_training_minutes: float
+    strategy: str
+    gpu_pool: dict[str, int]
+
+
+class TsvPublic(Response):
+    tsv: str
+    count: int
+
+
+class DiffPublic(Response):
+    a: dict[str, Any]
+    b: dict[str, Any]
+    delta_bpb: float | None
+    delta_params_m: float | None
+    delta_vram_mb: float | None
+    diff: str | None = Field(description="unified diff of the two train.py sources")
+
+
+class TagsPublic(Response):
+    tags: list[TagPublic]
+
+
+class LogPublic(Response):
+    experiment_id: str
+    log: str
+    log_path: str | None
+
+
+class HealthPublic(Response):
+    status: str
+    database: str
+    broker: str | None = None
+
+
+class ErrorPublic(Response):
+    error: str
+    fields: Any | None = None

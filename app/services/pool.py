@@ -1,0 +1,154 @@
+"""The GPU pool: registration, heartbeats (database clock), leases, the offline sweep."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict, NotFound
+from app.models import IDLE, OFFLINE, TRAINING, Gpu
+from app.services.experiments import get_experiment
+
+
+def gpu_public(gpu: Gpu) -> dict:
+    return {
+        "id": gpu.id,
+        "name": f"gpu-{gpu.gpu_index}",
+        "gpu_index": gpu.gpu_index,
+        "host": gpu.host,
+        "gpu_name": gpu.gpu_name,
+        "vram_mb": gpu.vram_mb,
+        "status": gpu.status,
+        "current_experiment_id": gpu.current_experiment_id,
+        "registered_at": gpu.registered_at.isoformat() if gpu.registered_at else None,
+        "last_heartbeat": gpu.last_heartbeat.isoformat() if gpu.last_heartbeat else None,
+        "telemetry": gpu.telemetry,
+    }
+
+
+def get_gpu(session: Session, gpu_id: str, *, lock: bool = False) -> Gpu:
+    query = select(Gpu).where(Gpu.id == gpu_id)
+    if lock:
+        query = query.with_for_update()
+    gpu = session.scalars(query).one_or_none()
+    if gpu is None:
+        raise NotFound("GPU worker not found", fields={"gpu_id": gpu_id})
+    return gpu
+
+
+def register_gpu(
+    session: Session, *, gpu_id: str, gpu_index: int, gpu_name: str, vram_mb: float, host: str = "",
+    telemetry: dict | None = None,
+) -> Gpu:
+    """Insert or refresh a worker's row; a restarted worker comes back idle."""
+    gpu = session.get(Gpu, gpu_id, with_for_update=True)
+    if gpu is None:
+        gpu = Gpu(id=gpu_id)
+        session.add(gpu)
+    gpu.gpu_index = gpu_index
+    gpu.gpu_name = gpu_name
+    gpu.vram_mb = vram_mb
+    gpu.host = host
+    gpu.status = IDLE
+    gpu.current_experiment_id = None
+    gpu.telemetry = telemetry
+    gpu.last_heartbeat = func.now()
+    session.flush()
+    session.refresh(gpu)
+    return gpu
+
+
+def heartbeat(session: Session, *, gpu_id: str, telemetry: dict | None = None) -> Gpu:
+    gpu = get_gpu(session, gpu_id, lock=True)
+    gpu.last_heartbeat = func.now()
+    if telemetry is not None:
+        gpu.telemetry = telemetry
+    if gpu.status == OFFLINE:
+        gpu.status = TRAINING if gpu.current_experiment_id else IDLE
+    session.flush()
+    return gpu
+
+
+def deregister(session: Session, *, gpu_id: str) -> None:
+    session.delete(get_gpu(session, gpu_id, lock=True))
+    session.flush()
+
+
+def mark_stale_offline(session: Session, *, stale_after: float) -> list[Gpu]:
+    """GPUs silent for longer than `stale_after` seconds go offline; returns those that just did."""
+    cutoff = func.now() - timedelta(seconds=stale_after)
+    rows = session.scalars(
+        update(Gpu)
+        .where(Gpu.status != OFFLINE, Gpu.last_heartbeat < cutoff)
+        .values(status=OFFLINE)
+        .returning(Gpu)
+    )
+    return list(rows)
+
+
+def list_gpus(session: Session, *, stale_after: float) -> dict:
+    mark_stale_offline(session, stale_after=stale_after)
+    workers = [gpu_public(g) for g in session.scalars(select(Gpu).order_by(Gpu.host, Gpu.gpu_index, Gpu.id))]
+    return {
+        "workers": workers,
+        "total": len(workers),
+        "idle": sum(1 for w in workers if w["status"] == IDLE),
+        "training": sum(1 for w in workers if w["status"] == TRAINING),
+        "offline": sum(1 for w in workers if w["status"] == OFFLINE),
+    }
+
+
+def acquire(session: Session, *, experiment_id: str, stale_after: float) -> dict:
+    """Lease one idle, live GPU to an experiment.
+
+    SKIP LOCKED makes this atomic across API processes: two callers never lock the same row,
+    and the loser moves on to the next idle GPU or gets none.
+    """
+    get_experiment(session, experiment_id)
+    row = session.execute(
+        text(
+            """
+            UPDATE gpus SET status = :training, current_experiment_id = :experiment_id
+            WHERE id = (
+                SELECT id FROM gpus
+                WHERE status = :idle AND last_heartbeat >= now() - make_interval(secs => :stale_after)
+                ORDER BY gpu_index, id
+                LIMIT 1
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING id, gpu_index
+            """
+        ),
+        {"training": TRAINING, "idle": IDLE, "experiment_id": experiment_id, "stale_after": stale_after},
+    ).one_or_none()
+    if row is None:
+        return {"acquired": False, "gpu_id": None, "reason": "no idle GPUs"}
+    return {"acquired": True, "gpu_id": row.id, "gpu_index": row.gpu_index}
+
+
+def release(session: Session, *, gpu_id: str, experiment_id: str) -> None:
+    gpu = get_gpu(session, gpu_id, lock=True)
+    if gpu.current_experiment_id != experiment_id:
+        raise Conflict(
+            "GPU is not leased by this experiment",
+            fields={"gpu_id": gpu_id, "experiment_id": experiment_id},
+            leased_to=gpu.current_experiment_id,
+        )
+    gpu.status = IDLE
+    gpu.current_experiment_id = None
+    session.flush()
+
+
+def set_training(session: Session, *, gpu_id: str, experiment_id: str | None) -> None:
+    """A worker says what its GPU is doing; None means idle."""
+    session.execute(
+        update(Gpu)
+        .where(Gpu.id == gpu_id)
+        .values(
+            status=TRAINING if experiment_id else IDLE,
+            current_experiment_id=experiment_id,
+            last_heartbeat=func.now(),
+        )
+    )

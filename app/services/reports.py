@@ -1,0 +1,153 @@
+"""Reports: tag summary, autoresearch's results.tsv, experiment diffs, tag list."""
+
+from __future__ import annotations
+
+import difflib
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.errors import NotFound
+from app.models import (
+    CANCELLED,
+    CRASH,
+    DISCARD,
+    FAILED_STATUSES,
+    KEEP,
+    QUEUED,
+    RUNNING,
+    Experiment,
+    Gpu,
+    Strategy,
+    Tag,
+)
+from app.services.experiments import get_experiment, get_tag, tag_public
+
+TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+
+
+def summary(session: Session, *, tag: str) -> dict:
+    record = get_tag(session, tag)
+    counts = dict(
+        session.execute(
+            select(Experiment.status, func.count()).where(Experiment.tag == tag).group_by(Experiment.status)
+        ).all()
+    )
+    categories = dict(
+        session.execute(
+            select(Experiment.category, func.count()).where(Experiment.tag == tag).group_by(Experiment.category)
+        ).all()
+    )
+    kept = session.scalars(
+        select(Experiment).where(Experiment.tag == tag, Experiment.status == KEEP).order_by(Experiment.finished_at)
+    )
+    training_seconds = session.scalar(
+        select(func.coalesce(func.sum(Experiment.training_seconds), 0.0)).where(Experiment.tag == tag)
+    )
+    strategy = session.get(Strategy, tag)
+    pool = dict(session.execute(select(Gpu.status, func.count()).group_by(Gpu.status)).all())
+    best = session.get(Experiment, record.best_experiment_id) if record.best_experiment_id else None
+    total = record.total_experiments
+    return {
+        "tag": tag,
+        "branch": record.branch,
+        "profile": record.profile,
+        "best": {"val_bpb": best.val_bpb, "commit": best.commit_sha, "experiment_id": best.id} if best else None,
+        "stats": {
+            "total": total,
+            "kept": counts.get(KEEP, 0),
+            "discarded": counts.get(DISCARD, 0),
+            "crashed": sum(counts.get(s, 0) for s in FAILED_STATUSES),
+            "running": counts.get(RUNNING, 0),
+            "queued": counts.get(QUEUED, 0),
+            "cancelled": counts.get(CANCELLED, 0),
+            "keep_rate": counts.get(KEEP, 0) / total if total else 0,
+            "consecutive_crashes": record.consecutive_crashes,
+        },
+        "categories": categories,
+        "bpb_progression": [
+            {"id": e.id, "val_bpb": e.val_bpb, "description": e.description, "category": e.category,
+             "at": e.finished_at.isoformat() if e.finished_at else None}
+            for e in kept
+        ],
+        "total_training_minutes": round(training_seconds / 60, 1),
+        "strategy": strategy.mode if strategy else "unknown",
+        "gpu_pool": {"total": sum(pool.values()), "idle": pool.get("idle", 0), "training": pool.get("training", 0)},
+    }
+
+
+def tsv_rows(session: Session, *, tag: str) -> list[str]:
+    """autoresearch's results.tsv: a crash (or timeout) has val_bpb 0 and memory 0, status crash."""
+    get_tag(session, tag)
+    experiments = session.scalars(
+        select(Experiment)
+        .where(Experiment.tag == tag, Experiment.status.in_((KEEP, DISCARD, *FAILED_STATUSES)))
+        .order_by(Experiment.finished_at, Experiment.id)
+    )
+    rows = []
+    for e in experiments:
+        failed = e.status in FAILED_STATUSES
+        bpb = "0.000000" if failed else f"{e.val_bpb:.6f}"
+        memory = "0.0" if failed else f"{(e.peak_vram_mb or 0) / 1024:.1f}"
+        # Tabs and newlines would break the columns.
+        description = " ".join(e.description.split())
+        rows.append(f"{e.commit_sha[:7]}\t{bpb}\t{memory}\t{CRASH if failed else e.status}\t{description}")
+    return rows
+
+
+def tsv(session: Session, *, tag: str) -> dict:
+    rows = tsv_rows(session, tag=tag)
+    return {"tsv": "\n".join([TSV_HEADER, *rows]), "count": len(rows)}
+
+
+def _side(e: Experiment) -> dict:
+    return {
+        "id": e.id, "val_bpb": e.val_bpb, "description": e.description, "category": e.category,
+        "num_params_m": e.num_params_m, "peak_vram_mb": e.peak_vram_mb, "commit_sha": e.commit_sha,
+        "status": e.status,
+    }
+
+
+def _minus(b: float | None, a: float | None) -> float | None:
+    return None if a is None or b is None else b - a
+
+
+def diff(session: Session, *, experiment_a: str, experiment_b: str) -> dict:
+    try:
+        a = get_experiment(session, experiment_a)
+        b = get_experiment(session, experiment_b)
+    except NotFound:
+        raise NotFound("One or both experiments not found",
+                       fields={"experiment_a": experiment_a, "experiment_b": experiment_b}) from None
+    code_diff = None
+    if a.train_py is not None and b.train_py is not None:
+        code_diff = "".join(
+            difflib.unified_diff(
+                a.train_py.splitlines(keepends=True), b.train_py.splitlines(keepends=True),
+                fromfile=f"{a.id}/train.py", tofile=f"{b.id}/train.py",
+            )
+        )
+    return {
+        "a": _side(a),
+        "b": _side(b),
+        "delta_bpb": _minus(b.val_bpb, a.val_bpb),
+        "delta_params_m": _minus(b.num_params_m, a.num_params_m),
+        "delta_vram_mb": _minus(b.peak_vram_mb, a.peak_vram_mb),
+        "diff": code_diff,
+    }
+
+
+def tags(session: Session) -> dict:
+    return {"tags": [tag_public(t) for t in session.scalars(select(Tag).order_by(Tag.created_at.desc()))]}
+
+
+def active_tags(session: Session, *, within_hours: float = 24) -> list[str]:
+    """Tags with an experiment created or finished recently: the ones beat reports on."""
+    recent = func.now() - func.make_interval(0, 0, 0, 0, within_hours)
+    return list(
+        session.scalars(
+            select(Experiment.tag)
+            .where((Experiment.created_at >= recent) | (Experiment.finished_at >= recent))
+            .distinct()
+        )
+    )

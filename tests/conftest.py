@@ -1,0 +1,123 @@
+"""Fixtures for tests against real services: Postgres and Redis of this machine when they
+answer on their standard ports, else the embedded servers the project installs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from app.config import load_settings
+from app.db import forget_engines, transaction
+from app.migrate import upgrade
+from app.models import Base
+
+TEST_DATABASE = "autoresearch_test"
+LOCAL_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+LOCAL_REDIS = "redis://127.0.0.1:6379/15"
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def service_urls(tmp_path_factory):
+    """(postgres server URL, redis URL): TEST_DATABASE_URL / TEST_REDIS_URL, the local servers,
+    or embedded ones started for this test session."""
+    stops = []
+    postgres = os.environ.get("TEST_DATABASE_URL")
+    if not postgres:
+        if _answers("127.0.0.1", 5432):
+            postgres = LOCAL_POSTGRES
+        else:
+            from app import embedded
+
+            postgres, stop = embedded.start_postgres(tmp_path_factory.mktemp("pg"), embedded.free_port())
+            stops.append(stop)
+    redis_url = os.environ.get("TEST_REDIS_URL")
+    if not redis_url:
+        if _answers("127.0.0.1", 6379):
+            redis_url = LOCAL_REDIS
+        else:
+            from app import embedded
+
+            redis_url, stop = embedded.start_redis(tmp_path_factory.mktemp("redis"), embedded.free_port())
+            stops.append(stop)
+    yield postgres, redis_url
+    for stop in reversed(stops):
+        stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(service_urls) -> str:
+    """A fresh test database, migrated with Alembic the way a deployment is."""
+    server = make_url(service_urls[0])
+    url = server.set(database=TEST_DATABASE).render_as_string(hide_password=False)
+    admin = create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid()"
+        ), {"n": TEST_DATABASE})
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{TEST_DATABASE}"'))
+    admin.dispose()
+    upgrade(url)
+    yield url
+    forget_engines()
+
+
+@pytest.fixture(scope="session")
+def redis_url(service_urls) -> str:
+    return service_urls[1]
+
+
+@pytest.fixture
+def settings(database_url, redis_url, tmp_path):
+    base = load_settings({})
+    return dataclasses.replace(
+        base,
+        database_url=database_url,
+        broker_url=redis_url,
+        result_backend=redis_url,
+        external_database=True,
+        external_broker=True,
+        state_dir=tmp_path / "state",
+        default_profile="tiny",
+    )
+
+
+@pytest.fixture
+def db(database_url):
+    """An empty database for each test."""
+    tables = ", ".join(t.name for t in reversed(Base.metadata.sorted_tables))
+    with transaction(database_url) as session:
+        session.execute(text(f"TRUNCATE {tables} CASCADE"))
+    return database_url
+
+
+@pytest.fixture
+def app(settings, db):
+    from app.web import create_app
+
+    flask_app = create_app(settings)
+    flask_app.config["TESTING"] = True
+    return flask_app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
