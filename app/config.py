@@ -7,9 +7,9 @@ Postgres and Redis that `autoresearch up` starts under the state folder when no 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 EMBEDDED_POSTGRES_PORT = 54329
 EMBEDDED_REDIS_PORT = 63799
@@ -58,6 +58,10 @@ class Settings:
     stale_after: float = 60.0  # seconds of heartbeat silence before a GPU counts as offline
     repo_dir: Path | None = None
     max_body_bytes: int = 2 * 1024 * 1024
+    # Identity of a GPU worker process, set by `autoresearch worker --gpu N`.
+    worker_gpu_index: int | None = None
+    worker_gpu_id: str | None = None
+    report_interval: float = 300.0  # seconds between the scheduled reports of active tags
 
     @property
     def runs_dir(self) -> Path:
@@ -98,4 +102,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         stale_after=_number(env, "STALE_AFTER", 60.0),
         repo_dir=Path(repo_dir).expanduser() if repo_dir else None,
         max_body_bytes=_number(env, "MAX_BODY_BYTES", 2 * 1024 * 1024, int),
+        worker_gpu_index=_number(env, "AUTORESEARCH_GPU_INDEX", 0, int) if env.get("AUTORESEARCH_GPU_INDEX") else None,
+        worker_gpu_id=env.get("AUTORESEARCH_GPU_ID") or None,
+        report_interval=_number(env, "REPORT_INTERVAL", 300.0),
     )

@@ -11,6 +11,8 @@ from app.models import FINISHED_STATUSES, LIVE_STATUSES
 ExperimentId = Field(min_length=1, max_length=40, description="id returned by register or submit")
 TagName = Field(min_length=1, max_length=64, description="run tag; also the git branch autoresearch/<tag>")
 NonNegative = Field(default=None, ge=0, allow_inf_nan=False)
+# Integer columns are Postgres INTEGER: a larger number must be a 400, not a database error.
+INT_MAX = 2**31 - 1
 Status = Literal[LIVE_STATUSES + FINISHED_STATUSES]  # type: ignore[valid-type]
 
 
@@ -47,7 +49,7 @@ class ExperimentCreate(Request):
 
 class ExperimentSubmit(ExperimentCreate):
     train_py: str | None = Field(default=None, max_length=1_000_000, description="the train.py source; else read from REPO_DIR at commit_sha")
-    gpu_index: int | None = Field(default=None, ge=0, description="pin to this GPU's queue")
+    gpu_index: int | None = Field(default=None, ge=0, le=INT_MAX, description="pin to this GPU's queue")
     acknowledge_crashes: bool = Field(default=False, description="reset the tag's consecutive crashes after a crash limit tripped")
 
 
@@ -59,9 +61,9 @@ class ExperimentComplete(Request):
     total_seconds: float | None = NonNegative
     total_tokens_m: float | None = NonNegative
     mfu_percent: float | None = NonNegative
-    num_steps: int | None = Field(default=None, ge=0)
+    num_steps: int | None = Field(default=None, ge=0, le=INT_MAX)
     num_params_m: float | None = NonNegative
-    depth: int | None = Field(default=None, ge=0)
+    depth: int | None = Field(default=None, ge=0, le=INT_MAX)
     profile: str | None = Field(default=None, max_length=32)
 
 
@@ -77,6 +79,12 @@ class ExperimentRef(Request):
 class ExperimentWait(Request):
     experiment_id: str = ExperimentId
     timeout_s: float = Field(default=60, ge=0, le=600, allow_inf_nan=False)
+
+
+class LogQuery(Request):
+    # Query strings carry text, so this one model parses leniently.
+    model_config = ConfigDict(strict=False, extra="ignore")
+    max_bytes: int = Field(default=16_000, ge=1, le=1_000_000)
 
 
 class HistoryQuery(Request):
@@ -100,7 +108,7 @@ class StrategySet(Request):
 
 class GpuRegister(Request):
     gpu_id: str = Field(min_length=1, max_length=128)
-    gpu_index: int = Field(ge=0)
+    gpu_index: int = Field(ge=0, le=INT_MAX)
     gpu_name: str = Field(min_length=1, max_length=255)
     vram_mb: float = Field(ge=0, allow_inf_nan=False)
     host: str = Field(default="", max_length=255)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
-from typing import Any, Callable
+from typing import Any
 
-from flask import Blueprint, Flask, Response as FlaskResponse, current_app, jsonify, request
+from flask import Blueprint, Flask, current_app, jsonify, request
+from flask import Response as FlaskResponse
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -47,12 +49,36 @@ def read_json_body() -> dict[str, Any]:
         data = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise InvalidInput("malformed JSON body: nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidInput("the JSON body must be an object")
     return data
 
 
+def _nul_path(data: Any) -> str | None:
+    """Where a NUL character hides in the data, if anywhere: Postgres text cannot store one.
+    Iterative, so a body nested as deep as json.loads allows cannot overflow the stack here."""
+    stack = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return path or "body"
+            continue
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and "\x00" in key:
+                return where
+            stack.append((where, item))
+    return None
+
+
 def parse(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
+    nul = _nul_path(data)
+    if nul:
+        raise InvalidInput(f"invalid fields: {nul}", fields=[{"field": nul, "message": "text must not contain NUL (\\u0000)"}])
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -97,7 +123,9 @@ def endpoint(
                 result = view(body, **url_args)
             if isinstance(result, FlaskResponse) or response_model is None:
                 return result
-            return jsonify(response_model.model_validate(result).model_dump(mode="json"))
+            # exclude_unset: an optional key the view did not return stays absent, as in the seed
+            # (adapt with too few results answers only mode and reason).
+            return jsonify(response_model.model_validate(result).model_dump(mode="json", exclude_unset=True))
 
         bp.add_url_rule(rule, view.__name__, handle, methods=[method])
         ENDPOINTS.append(Endpoint(rule, method, summary, request_model, response_model, bp.name))

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from flask import Blueprint
 
 from app import schemas
 from app.api import endpoint, settings
-from app.errors import InvalidInput
+from app.db import transaction
+from app.dispatch import send
+from app.errors import InvalidInput, Unavailable
+from app.gitsource import train_py_at
+from app.models import FINISHED_STATUSES
 from app.profiles import check_profile
 from app.services import experiments as svc
+from app.services import runs
 from app.services.strategy import CATEGORIES
+from workers.runner import tail_log
 
 bp = Blueprint("experiment", __name__)
+WAIT_POLL_S = 0.5
 
 
 def rules() -> svc.Rules:
@@ -89,3 +99,59 @@ def near_misses(session, body: schemas.NearMissQuery):
         ],
         "total": total,
     }
+
+
+@endpoint(bp, "/api/experiment/submit", "POST", summary="Register and queue an experiment for a GPU worker",
+          request_model=schemas.ExperimentSubmit, response_model=schemas.Submitted, transactional=False)
+def submit(body: schemas.ExperimentSubmit):
+    check_category(body.category)
+    s = settings()
+    train_py = body.train_py if body.train_py is not None else train_py_at(s.repo_dir, body.commit_sha)
+    fields = body.model_dump(exclude={"train_py", "gpu_index", "acknowledge_crashes"})
+    with transaction(s.database_url) as session:
+        experiment, dispatch = runs.submit(
+            session, rules=rules(), acknowledge_crashes=body.acknowledge_crashes, gpu_index=body.gpu_index,
+            train_py=train_py, **fields,
+        )
+    try:
+        send(dispatch)
+    except Exception as exc:
+        # Without a message the row would wait forever: say so, and leave no queued orphan.
+        with transaction(s.database_url) as session:
+            svc.mark_cancelled(session, experiment_id=experiment.id, reason=f"broker unavailable: {exc}")
+        raise Unavailable(f"the broker is unreachable ({type(exc).__name__}); experiment not queued",
+                          experiment_id=experiment.id) from None
+    return {"experiment_id": experiment.id, "status": "queued", "task_id": dispatch.task_id, "queue": dispatch.queue}
+
+
+@endpoint(bp, "/api/experiment/<experiment_id>", "GET", summary="One experiment, with live progress while running",
+          response_model=schemas.ExperimentPublic)
+def get_one(session, body, experiment_id: str):
+    return svc.experiment_public(svc.get_experiment(session, experiment_id))
+
+
+@endpoint(bp, "/api/experiment/wait", "POST", summary="Long-poll until the experiment finishes or the timeout",
+          request_model=schemas.ExperimentWait, response_model=schemas.ExperimentPublic, transactional=False)
+def wait(body: schemas.ExperimentWait):
+    deadline = time.monotonic() + body.timeout_s
+    while True:
+        # A fresh short transaction per look: nothing is held open while waiting.
+        with transaction(settings().database_url) as session:
+            record = svc.experiment_public(svc.get_experiment(session, body.experiment_id))
+        if record["status"] in FINISHED_STATUSES or time.monotonic() >= deadline:
+            return record
+        time.sleep(min(WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+@endpoint(bp, "/api/experiment/cancel", "POST", summary="Cancel a queued or running experiment",
+          request_model=schemas.ExperimentRef, response_model=schemas.ExperimentPublic)
+def cancel(session, body: schemas.ExperimentRef):
+    return svc.experiment_public(runs.request_cancel(session, experiment_id=body.experiment_id))
+
+
+@endpoint(bp, "/api/experiment/<experiment_id>/log", "GET", summary="The tail of the training log",
+          request_model=schemas.LogQuery, response_model=schemas.LogPublic)
+def log_tail(session, body: schemas.LogQuery, experiment_id: str):
+    experiment = svc.get_experiment(session, experiment_id)
+    text = tail_log(Path(experiment.log_path), body.max_bytes) if experiment.log_path else ""
+    return {"experiment_id": experiment_id, "log": text, "log_path": experiment.log_path}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Blueprint
+from flask import Blueprint, Response
 
 from app import schemas
 from app.api import endpoint
+from app.plot import progress_png
 from app.services import reports as svc
 
 bp = Blueprint("report", __name__)
@@ -32,3 +33,10 @@ def diff(session, body: schemas.DiffQuery):
 @endpoint(bp, "/api/report/tags", "GET", summary="All run tags, newest first", response_model=schemas.TagsPublic)
 def tags(session, body):
     return svc.tags(session)
+
+
+@endpoint(bp, "/api/report/plot", "GET", summary="PNG of the tag's progress: dots and the running best",
+          request_model=schemas.TagQuery)
+def plot(session, body: schemas.TagQuery):
+    png = progress_png(body.tag, svc.progress_points(session, tag=body.tag))
+    return Response(png, mimetype="image/png")

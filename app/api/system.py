@@ -7,7 +7,7 @@ from pydantic.json_schema import models_json_schema
 from sqlalchemy import text
 
 from app import schemas
-from app.api import ENDPOINTS, error_body, settings
+from app.api import ENDPOINTS, settings
 from app.db import transaction
 
 bp = Blueprint("system", __name__)
@@ -24,7 +24,10 @@ def health():
     broker = broker_health()
     body = {"status": "ok" if database == "ok" else "degraded", "database": database, "broker": broker}
     if database != "ok":
-        return error_body(503, "database unreachable", **body)
+        # Not error_body(503, ..., **body): body's own "status" key would clash with its argument.
+        response = jsonify({"error": "database unreachable", **body})
+        response.status_code = 503
+        return response
     return jsonify(body)
 
 

@@ -7,7 +7,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, InvalidInput, NotFound
@@ -15,8 +15,6 @@ from app.models import (
     CANCELLED,
     CRASH,
     DISCARD,
-    FAILED_STATUSES,
-    FINISHED_STATUSES,
     KEEP,
     QUEUED,
     RUNNING,
@@ -138,7 +136,22 @@ def register(
     return experiment
 
 
-def complete(session: Session, *, experiment_id: str, metrics: dict, rules: Rules) -> dict:
+def check_open(experiment: Experiment, attempt: int | None = None) -> None:
+    """Only a live experiment takes a result; a worker passes its attempt, so a run that was
+    requeued after its worker went silent cannot be recorded by that worker any more."""
+    if experiment.status not in (QUEUED, RUNNING):
+        raise Conflict(
+            f"Experiment {experiment.id} already finished with status '{experiment.status}'",
+            fields={"experiment_id": experiment.id},
+        )
+    if attempt is not None and (experiment.status != RUNNING or experiment.attempts != attempt):
+        raise Conflict(f"Experiment {experiment.id} attempt {attempt} was superseded",
+                       fields={"experiment_id": experiment.id})
+
+
+def complete(
+    session: Session, *, experiment_id: str, metrics: dict, rules: Rules, attempt: int | None = None
+) -> dict:
     """Record a finished run and decide keep or discard against the tag's best right now.
 
     The tag row is locked first (always tag, then experiment, so two completions never
@@ -146,11 +159,7 @@ def complete(session: Session, *, experiment_id: str, metrics: dict, rules: Rule
     """
     tag = get_tag(session, get_experiment(session, experiment_id).tag, lock=True)
     experiment = get_experiment(session, experiment_id, lock=True)
-    if experiment.status not in (QUEUED, RUNNING):
-        raise Conflict(
-            f"Experiment {experiment_id} already finished with status '{experiment.status}'",
-            fields={"experiment_id": experiment_id},
-        )
+    check_open(experiment, attempt)
     val_bpb = metrics["val_bpb"]
     best = tag.best_val_bpb
     improved = best is None or val_bpb < best
@@ -164,7 +173,9 @@ def complete(session: Session, *, experiment_id: str, metrics: dict, rules: Rule
     experiment.status = KEEP if improved else DISCARD
     experiment.delta = delta
     experiment.near_miss = (not improved) and best is not None and delta > -rules.near_miss_threshold
-    experiment.finished_at = func.now()
+    # clock_timestamp, not now(): now() is when the transaction began, before it waited for the
+    # tag lock; the time of the decision orders results the way they were decided.
+    experiment.finished_at = func.clock_timestamp()
     experiment.progress = None
 
     tag.total_experiments += 1
@@ -189,19 +200,15 @@ def complete(session: Session, *, experiment_id: str, metrics: dict, rules: Rule
 
 
 def record_failure(
-    session: Session, *, experiment_id: str, error: str, rules: Rules, status: str = CRASH
+    session: Session, *, experiment_id: str, error: str, rules: Rules, status: str = CRASH, attempt: int | None = None
 ) -> dict:
     """A crash or timeout: counts towards the tag's consecutive crashes."""
     tag = get_tag(session, get_experiment(session, experiment_id).tag, lock=True)
     experiment = get_experiment(session, experiment_id, lock=True)
-    if experiment.status not in (QUEUED, RUNNING):
-        raise Conflict(
-            f"Experiment {experiment_id} already finished with status '{experiment.status}'",
-            fields={"experiment_id": experiment_id},
-        )
+    check_open(experiment, attempt)
     experiment.status = status
     experiment.error = error
-    experiment.finished_at = func.now()
+    experiment.finished_at = func.clock_timestamp()  # the decision's time, as in complete
     tag.total_experiments += 1
     tag.crashed_experiments += 1
     tag.consecutive_crashes += 1
@@ -215,14 +222,10 @@ def record_failure(
     }
 
 
-def mark_cancelled(session: Session, *, experiment_id: str, reason: str) -> Experiment:
+def mark_cancelled(session: Session, *, experiment_id: str, reason: str, attempt: int | None = None) -> Experiment:
     """Cancelled runs are no verdict on the idea: they change no counter."""
     experiment = get_experiment(session, experiment_id, lock=True)
-    if experiment.status in FINISHED_STATUSES:
-        raise Conflict(
-            f"Experiment {experiment_id} already finished with status '{experiment.status}'",
-            fields={"experiment_id": experiment_id},
-        )
+    check_open(experiment, attempt)
     experiment.status = CANCELLED
     experiment.error = reason
     experiment.finished_at = func.now()
@@ -266,10 +269,6 @@ def reset_crashes(session: Session, *, tag: str) -> Tag:
     record = get_tag(session, tag, lock=True)
     record.consecutive_crashes = 0
     return record
-
-
-def failed(status: str) -> bool:
-    return status in FAILED_STATUSES
 
 
 def tag_public(tag: Tag) -> dict:

@@ -151,3 +151,20 @@ def active_tags(session: Session, *, within_hours: float = 24) -> list[str]:
             .distinct()
         )
     )
+
+
+def progress_points(session: Session, *, tag: str) -> list[dict]:
+    """Every finished experiment in completion order, with the running best at that point."""
+    get_tag(session, tag)
+    rows = session.execute(
+        select(Experiment.id, Experiment.val_bpb, Experiment.status, Experiment.description)
+        .where(Experiment.tag == tag, Experiment.status.in_((KEEP, DISCARD, *FAILED_STATUSES)))
+        .order_by(Experiment.finished_at, Experiment.id)
+    ).all()
+    points, best = [], None
+    for number, row in enumerate(rows, start=1):
+        if row.status == KEEP:
+            best = row.val_bpb
+        points.append({"n": number, "id": row.id, "val_bpb": row.val_bpb, "status": row.status,
+                       "description": row.description, "best": best})
+    return points

@@ -131,6 +131,11 @@ def suggest(session: Session, *, tag: str) -> dict:
             .limit(6)
         )
     )
+    # The seed counts and names every near miss of the tag; only the pairs use the closest six.
+    near_miss_total, near_miss_categories = session.execute(
+        select(func.count(), func.array_agg(func.distinct(Experiment.category)))
+        .where(Experiment.tag == tag, Experiment.near_miss.is_(True))
+    ).one()
     pairs = [
         {"a": a.id, "b": b.id, "hypotheses": [a.hypothesis, b.hypothesis], "categories": [a.category, b.category]}
         for i, a in enumerate(near)
@@ -153,8 +158,8 @@ def suggest(session: Session, *, tag: str) -> dict:
         "category_stats": stats,
         "underexplored_categories": underexplored,
         "high_yield_categories": high_yield,
-        "near_misses_available": len(near),
-        "near_miss_categories": sorted({n.category for n in near}),
+        "near_misses_available": near_miss_total,
+        "near_miss_categories": sorted(c for c in near_miss_categories or () if c is not None),
         "near_miss_pairs": pairs,
         "recent_bpb_trend": trend,
         "suggestions": build_suggestions(mode, underexplored, high_yield, near, trend),

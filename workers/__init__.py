@@ -1,0 +1,1 @@
+"""GPU side: training task, subprocess runner, metrics parser, GPU probe."""

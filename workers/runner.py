@@ -1,0 +1,391 @@
+"""Run one train.py as a child process and report how it ended.
+
+No database, no Celery: the training task calls run_training() and records the RunResult.
+
+Why it is built this way (see shared/notes/celery.md, "The training subprocess"):
+- train.py runs in its own process group (start_new_session=True), and every way out of
+  run_training() kills that whole group and waits until no member is left. Killing only the
+  direct child would leave its children (torch compile workers, dataloaders) holding GPU memory.
+- Output goes to a file, never a PIPE: a PIPE nobody drains fills up and blocks train.py.
+- The deadline and cancel requests are checked here, by polling, not by Celery's time limits,
+  which kill only the pool process and leave the training group running.
+- PR_SET_PDEATHSIG(SIGKILL) makes the direct child die if the worker process dies without
+  running any cleanup (kill -9). Its own children are not covered: the kernel clears the
+  setting on fork, and a grandchild that calls setsid() leaves the group. Those limits are
+  accepted; the normal paths (exit, timeout, cancel, exception, SIGTERM) clean the whole group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.progress import last_progress, parse_summary
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------
+# Settings
+
+TRAIN_FILENAME = "train.py"  # the source is written here, inside the run directory
+LOG_FILENAME = "train.log"  # stdout and stderr of the run, together
+TERM_GRACE_S = 5.0  # seconds between SIGTERM and SIGKILL, for train.py to exit cleanly
+KILL_WAIT_S = 30.0  # seconds to wait for the group to vanish after SIGKILL (D-state GPU calls)
+GROUP_POLL_S = 0.05  # seconds between checks while waiting for the group to vanish
+LOG_TAIL_CHARS = 4000  # size of RunResult.log_tail
+SUMMARY_SCAN_BYTES = 64 * 1024  # the summary block is searched for in this much of the log end
+PROGRESS_SCAN_BYTES = 1024 * 1024  # at most this much new output is scanned per poll
+ERROR_LINES = 30  # lines kept in RunResult.error when no traceback is found
+
+# Linux prctl option (from <linux/prctl.h>): signal sent to us when our parent thread dies.
+PR_SET_PDEATHSIG = 1
+
+STATUSES = ("finished", "failed", "timeout", "cancelled")
+
+
+@dataclass
+class RunResult:
+    status: str  # one of STATUSES
+    returncode: int | None  # exit code; negative = killed by that signal; None if never reaped
+    summary: dict | None  # parse_summary() of the log, None if absent or invalid
+    log_path: Path
+    log_tail: str  # the last LOG_TAIL_CHARS characters of the log
+    error: str | None  # None when finished; otherwise why, with the traceback tail if any
+    started_at: float  # time.time()
+    ended_at: float  # time.time(), after the process group is gone
+    duration_s: float
+    progress: dict | None = None  # the last progress line seen, parsed
+
+
+def run_training(
+    source: str,
+    run_dir: Path,
+    *,
+    env: dict[str, str],
+    timeout_s: float,
+    should_cancel: Callable[[], bool] = lambda: False,
+    on_progress: Callable[[dict], None] | None = None,
+    poll_interval_s: float = 1.0,
+    python: str = sys.executable,
+) -> RunResult:
+    """Write `source` to run_dir/train.py, run it, and return how it ended.
+
+    `env` is added to os.environ for the child (CUDA_VISIBLE_DEVICES, AUTORESEARCH_PROFILE,
+    PYTHONPATH, ...). Every `poll_interval_s` the new log output is scanned and on_progress is
+    called with the latest new progress line (at most once per poll), then the deadline and
+    should_cancel() are checked. On timeout or cancel the process group gets SIGTERM, then
+    SIGKILL after TERM_GRACE_S.
+
+    An exception raised by on_progress or should_cancel propagates to the caller, after the
+    process group has been killed. So does SystemExit when the worker gets SIGTERM.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / TRAIN_FILENAME).write_text(source, encoding="utf-8")
+    log_path = run_dir / LOG_FILENAME
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}  # unbuffered: live progress
+
+    with _sigterm_raises_system_exit():
+        started_at = time.time()
+        deadline = time.monotonic() + timeout_s
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(
+                [python, TRAIN_FILENAME],
+                cwd=run_dir,
+                env=child_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_pdeathsig_preexec(),
+            )
+        # The child holds its own copy of the log descriptor; ours is closed above.
+        stop_reason = None  # "timeout" or "cancelled" once we decide to kill
+        progress = None
+        try:
+            reader = _LogFollower(log_path)
+            while True:
+                wait_s = max(0.0, min(poll_interval_s, deadline - time.monotonic()))
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=wait_s)
+                latest = last_progress(reader.read_new())
+                if latest is not None:
+                    progress = latest
+                    if on_progress is not None:
+                        on_progress(latest)
+                if proc.returncode is not None:
+                    break
+                if time.monotonic() >= deadline:
+                    stop_reason = "timeout"
+                    break
+                if should_cancel():
+                    stop_reason = "cancelled"
+                    break
+        finally:
+            # Every exit path, including exceptions, ends here: no member of the group may
+            # outlive the run (a child left behind by train.py would keep its GPU memory).
+            _stop_group(proc)
+        ended_at = time.time()
+
+    return _make_result(
+        stop_reason=stop_reason,
+        returncode=proc.returncode,
+        log_path=log_path,
+        timeout_s=timeout_s,
+        progress=progress,
+        started_at=started_at,
+        ended_at=ended_at,
+    )
+
+
+def tail_log(path: Path, max_bytes: int = LOG_TAIL_CHARS) -> str:
+    """The last `max_bytes` bytes of a log file as text; "" if the file does not exist.
+
+    When the file is longer than that, the partial first line is dropped so the tail starts at
+    a line boundary (unless that would drop everything).
+    """
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - max_bytes)
+            f.seek(start)
+            data = f.read(max_bytes)
+    except FileNotFoundError:
+        return ""
+    if start > 0:
+        newline = data.find(b"\n")
+        if 0 <= newline < len(data) - 1:
+            data = data[newline + 1 :]
+    return data.decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------
+# Result
+
+
+def _make_result(
+    *,
+    stop_reason: str | None,
+    returncode: int | None,
+    log_path: Path,
+    timeout_s: float,
+    progress: dict | None,
+    started_at: float,
+    ended_at: float,
+) -> RunResult:
+    log_tail = tail_log(log_path, LOG_TAIL_CHARS)
+    summary_error = None
+    try:
+        summary = parse_summary(tail_log(log_path, SUMMARY_SCAN_BYTES))
+    except ValueError as exc:  # a summary with nan/inf/garbage in it: the run diverged
+        summary, summary_error = None, f"invalid summary: {exc}"
+
+    if stop_reason == "timeout":
+        status, error = "timeout", f"killed after exceeding the time limit of {timeout_s:g} s"
+    elif stop_reason == "cancelled":
+        status, error = "cancelled", "cancelled on request"
+    elif returncode == 0 and summary is not None:
+        status, error = "finished", None
+    else:
+        status = "failed"
+        if summary_error is not None and returncode == 0:
+            error = summary_error
+        elif returncode == 0:
+            error = "train.py exited 0 without a summary (no val_bpb after the last '---' line)"
+        elif returncode is not None and returncode < 0:
+            error = f"train.py was killed by {_signal_name(-returncode)}"
+        else:
+            error = f"train.py exited with code {returncode}"
+        if returncode != 0 or summary_error is None:
+            detail = _failure_detail(log_tail)
+            if detail:
+                error = f"{error}\n{detail}"
+
+    return RunResult(
+        status=status,
+        returncode=returncode,
+        summary=summary,
+        log_path=log_path,
+        log_tail=log_tail,
+        error=error,
+        started_at=started_at,
+        ended_at=ended_at,
+        duration_s=ended_at - started_at,
+        progress=progress,
+    )
+
+
+def _failure_detail(log_tail: str) -> str:
+    """The last Python traceback in the log tail, or else its last ERROR_LINES lines."""
+    marker = "Traceback (most recent call last):"
+    index = log_tail.rfind(marker)
+    if index >= 0:
+        return log_tail[index:].strip()
+    lines = log_tail.strip().splitlines()
+    return "\n".join(lines[-ERROR_LINES:])
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+# ---------------------------------------------------------------------------
+# Reading the log while it grows
+
+
+class _LogFollower:
+    """Returns the complete lines appended to a file since the previous call."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.partial = b""  # an unfinished last line, kept until its end arrives
+
+    def read_new(self) -> str:
+        with open(self.path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < self.offset:  # truncated under us; start over
+                self.offset, self.partial = 0, b""
+            if size - self.offset > PROGRESS_SCAN_BYTES:
+                # A flood of output: only the newest progress line matters, so skip ahead.
+                self.offset, self.partial = size - PROGRESS_SCAN_BYTES, b""
+            f.seek(self.offset)
+            data = f.read(size - self.offset)
+        self.offset += len(data)
+        data = self.partial + data
+        # Lines end with \n, or \r for a redrawn terminal line; an unfinished one may still be
+        # half-written, so it waits for the next call.
+        end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+        self.partial = data[end:]
+        return data[:end].decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------
+# Process group handling
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, SIGKILL it after TERM_GRACE_S, wait until it is gone."""
+    pgid = proc.pid  # start_new_session=True: the child leads a group with its own pid
+    if _wait_group_gone(proc, 0):
+        return
+    _signal_group(proc, signal.SIGTERM)
+    if _wait_group_gone(proc, TERM_GRACE_S):
+        return
+    _signal_group(proc, signal.SIGKILL)
+    if not _wait_group_gone(proc, KILL_WAIT_S):
+        log.error("process group %d still has live members %ss after SIGKILL", pgid, KILL_WAIT_S)
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signum)
+    # Also the child itself, in case it left its group (train.py calling setsid/setpgid).
+    proc.send_signal(signum)  # a no-op once the child has been reaped
+
+
+def _wait_group_gone(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait up to timeout_s until the child is reaped and its group has vanished; True if so."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        # Reaping the leader matters: an unreaped zombie keeps the group id in use.
+        if proc.poll() is not None and not _group_alive(proc.pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(GROUP_POLL_S)
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while a process of the group is alive (zombies do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # killpg() also succeeds when only zombies are left: orphaned grandchildren are reparented
+    # to PID 1, and not every container's PID 1 reaps them. They hold no memory, so on Linux
+    # look at /proc and count only members that are not zombies.
+    if not os.path.isdir("/proc/self"):
+        return True
+    return _group_has_live_member(pgid)
+
+
+def _group_has_live_member(pgid: int) -> bool:
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:  # exited while we looked
+                continue
+            # Fields after the command name, which is in parentheses and may contain spaces:
+            # state, ppid, pgrp, ...
+            fields = stat[stat.rfind(b")") + 2 :].split()
+            if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+                return True
+    return False
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGKILL when the worker dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        # Loaded here, in the parent: after fork the child should only call, not load.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent_pid = os.getpid()
+    sigkill = int(signal.SIGKILL)
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
+        # The parent may have died between fork and prctl; then no signal would ever come.
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return preexec
+
+
+@contextlib.contextmanager
+def _sigterm_raises_system_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while a run is in progress, so `finally` kills the group.
+
+    With the default disposition SIGTERM ends the process at once and no cleanup runs; train.py
+    would die of PDEATHSIG but its own children would be orphaned. Only done in the main thread
+    (Python's rule for signal handlers) and only when nobody installed a handler already (Celery
+    has its own for the processes it manages).
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        # A second SIGTERM must not interrupt the cleanup the first one started.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
