@@ -16,6 +16,7 @@ from app.config import load_settings
 from app.db import forget_engines, transaction
 from app.migrate import upgrade
 from app.models import Base
+from conftest_data import tiny_cache  # noqa: F401  (a prepared tiny cache, for every test module)
 
 TEST_DATABASE = "autoresearch_test"
 LOCAL_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"

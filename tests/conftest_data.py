@@ -44,8 +44,15 @@ def build_tiny_cache(cache_dir):
 
 
 def prepared_cache(tmp_path_factory):
-    """A freshly prepared tiny cache directory under pytest's temporary root."""
-    return build_tiny_cache(tmp_path_factory.mktemp("autoresearch-cache"))
+    """The tiny cache of this test session, built on first use under pytest's temporary root.
+
+    Keyed by path rather than by fixture instance, so modules that each import `tiny_cache`
+    (each import is its own fixture definition to pytest) still share one build.
+    """
+    cache_dir = tmp_path_factory.getbasetemp() / "autoresearch-tiny-cache"
+    if not (cache_dir / "manifest.json").exists() or not (cache_dir / "tokenizer" / "token_bytes.pt").exists():
+        build_tiny_cache(cache_dir)
+    return cache_dir
 
 
 @pytest.fixture(scope="session")

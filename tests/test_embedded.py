@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,12 +36,17 @@ def postmaster_pid(state: Path) -> int:
 
 
 @pytest.fixture
-def state(tmp_path):
-    state = tmp_path / "state"
+def state():
+    # Not under tmp_path: as root, Postgres runs as another user that must be able to traverse
+    # every parent folder, and each pytest session (another engineer's, running in parallel)
+    # resets pytest's shared base folder /tmp/pytest-of-<user> to mode 0700.
+    base = Path(tempfile.mkdtemp(prefix="autoresearch-embedded-"))
+    state = base / "state"
     yield state
     # Whatever a test left running is stopped here, so no server outlives the test run.
     embedded._stop_postgres(state / "postgres", embedded._postgres_account())
     embedded._stop_redis(state / "redis")
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_free_port():

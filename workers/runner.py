@@ -98,21 +98,21 @@ def run_training(
     with _sigterm_raises_system_exit():
         started_at = time.time()
         deadline = time.monotonic() + timeout_s
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(
-                [python, TRAIN_FILENAME],
-                cwd=run_dir,
-                env=child_env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_pdeathsig_preexec(),
-            )
-        # The child holds its own copy of the log descriptor; ours is closed above.
+        proc = None
         stop_reason = None  # "timeout" or "cancelled" once we decide to kill
         progress = None
         try:
+            with open(log_path, "wb") as log_file:  # the child keeps its own copy of the fd
+                proc = subprocess.Popen(
+                    [python, TRAIN_FILENAME],
+                    cwd=run_dir,
+                    env=child_env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_pdeathsig_preexec(),
+                )
             reader = _LogFollower(log_path)
             while True:
                 wait_s = max(0.0, min(poll_interval_s, deadline - time.monotonic()))
@@ -134,7 +134,8 @@ def run_training(
         finally:
             # Every exit path, including exceptions, ends here: no member of the group may
             # outlive the run (a child left behind by train.py would keep its GPU memory).
-            _stop_group(proc)
+            if proc is not None:
+                _stop_group(proc)
         ended_at = time.time()
 
     return _make_result(

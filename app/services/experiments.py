@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, InvalidInput, NotFound
@@ -65,13 +66,19 @@ def setup_tag(session: Session, *, name: str, profile: str) -> Tag:
     existing = session.get(Tag, name)
     if existing is not None:
         raise Conflict(f"Tag '{name}' already exists", existing=tag_public(existing))
-    tag = Tag(name=name, branch=f"autoresearch/{name}", profile=profile)
-    session.add(tag)
-    session.flush()
+    # ON CONFLICT: two simultaneous setups of one name both pass the check above; the loser
+    # waits for the winner's commit and must answer 409, not fail on the primary key.
+    inserted = session.execute(
+        pg_insert(Tag)
+        .values(name=name, branch=f"autoresearch/{name}", profile=profile)
+        .on_conflict_do_nothing(index_elements=[Tag.name])
+        .returning(Tag.name)
+    ).scalar_one_or_none()
+    if inserted is None:
+        raise Conflict(f"Tag '{name}' already exists", existing=tag_public(get_tag(session, name)))
     session.add(Strategy(tag=name))
     session.flush()
-    session.refresh(tag)
-    return tag
+    return get_tag(session, name)
 
 
 def get_tag(session: Session, name: str, *, lock: bool = False) -> Tag:

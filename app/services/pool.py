@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from sqlalchemy import func, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound
@@ -43,10 +44,12 @@ def register_gpu(
     telemetry: dict | None = None,
 ) -> Gpu:
     """Insert or refresh a worker's row; a restarted worker comes back idle."""
+    # Insert-if-absent first, then lock: two simultaneous registrations of one new GPU must
+    # both succeed, one after the other, rather than collide on the primary key.
+    session.execute(
+        pg_insert(Gpu).values(id=gpu_id, gpu_index=gpu_index).on_conflict_do_nothing(index_elements=[Gpu.id])
+    )
     gpu = session.get(Gpu, gpu_id, with_for_update=True)
-    if gpu is None:
-        gpu = Gpu(id=gpu_id)
-        session.add(gpu)
     gpu.gpu_index = gpu_index
     gpu.gpu_name = gpu_name
     gpu.vram_mb = vram_mb
