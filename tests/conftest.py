@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,12 +19,15 @@ from app.migrate import upgrade
 from app.models import Base
 from conftest_data import tiny_cache  # noqa: F401  (a prepared tiny cache, for every test module)
 
-TEST_DATABASE = "autoresearch_test"
+# Per test session, so that two sessions on one machine never drop each other's data.
+TEST_DATABASE = f"autoresearch_test_{os.getpid()}"
 LOCAL_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
-LOCAL_REDIS = "redis://127.0.0.1:6379/15"
+LOCAL_REDIS = f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}"
 
 
 def _answers(host: str, port: int) -> bool:
+    if os.environ.get("TEST_EMBEDDED_SERVERS"):  # exercise the fallback a user's machine takes
+        return False
     try:
         with socket.create_connection((host, port), timeout=1):
             return True
@@ -32,7 +36,7 @@ def _answers(host: str, port: int) -> bool:
 
 
 @pytest.fixture(scope="session")
-def service_urls(tmp_path_factory):
+def service_urls():
     """(postgres server URL, redis URL): TEST_DATABASE_URL / TEST_REDIS_URL, the local servers,
     or embedded ones started for this test session."""
     stops = []
@@ -43,7 +47,9 @@ def service_urls(tmp_path_factory):
         else:
             from app import embedded
 
-            postgres, stop = embedded.start_postgres(tmp_path_factory.mktemp("pg"), embedded.free_port())
+            # Not under pytest's tmp root: every pytest session (as root) resets it to 0700, which
+            # locks the postgres system user out of its own data directory.
+            postgres, stop = embedded.start_postgres(Path(tempfile.mkdtemp(prefix="ar-pg-")), embedded.free_port())
             stops.append(stop)
     redis_url = os.environ.get("TEST_REDIS_URL")
     if not redis_url:
@@ -52,7 +58,7 @@ def service_urls(tmp_path_factory):
         else:
             from app import embedded
 
-            redis_url, stop = embedded.start_redis(tmp_path_factory.mktemp("redis"), embedded.free_port())
+            redis_url, stop = embedded.start_redis(Path(tempfile.mkdtemp(prefix="ar-redis-")), embedded.free_port())
             stops.append(stop)
     yield postgres, redis_url
     for stop in reversed(stops):
@@ -74,6 +80,9 @@ def database_url(service_urls) -> str:
     upgrade(url)
     yield url
     forget_engines()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{TEST_DATABASE}" WITH (FORCE)'))
+    admin.dispose()
 
 
 @pytest.fixture(scope="session")

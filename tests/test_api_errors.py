@@ -13,11 +13,25 @@ from app.db import transaction
 TAG = "mar11"
 
 POST_ROUTES = [
-    "/api/experiment/setup", "/api/experiment/register", "/api/experiment/complete", "/api/experiment/crash",
-    "/api/experiment/history", "/api/experiment/best", "/api/experiment/near-misses",
-    "/api/search/strategy", "/api/search/set-strategy", "/api/search/adapt", "/api/search/suggest",
-    "/api/pool/register", "/api/pool/heartbeat", "/api/pool/acquire", "/api/pool/release", "/api/pool/deregister",
-    "/api/report/summary", "/api/report/tsv", "/api/report/diff",
+    "/api/experiment/setup",
+    "/api/experiment/register",
+    "/api/experiment/complete",
+    "/api/experiment/crash",
+    "/api/experiment/history",
+    "/api/experiment/best",
+    "/api/experiment/near-misses",
+    "/api/search/strategy",
+    "/api/search/set-strategy",
+    "/api/search/adapt",
+    "/api/search/suggest",
+    "/api/pool/register",
+    "/api/pool/heartbeat",
+    "/api/pool/acquire",
+    "/api/pool/release",
+    "/api/pool/deregister",
+    "/api/report/summary",
+    "/api/report/tsv",
+    "/api/report/diff",
 ]
 
 
@@ -36,10 +50,19 @@ def world(client, db):
     assert client.post("/api/experiment/setup", json={"tag": TAG}).status_code == 200
     ids = {}
     for name in ("done", "running"):
-        ids[name] = client.post("/api/experiment/register", json={
-            "tag": TAG, "commit_sha": "abc1234", "description": name, "hypothesis": "h", "category": "other",
-        }).get_json()["experiment_id"]
-    assert client.post("/api/experiment/complete", json={"experiment_id": ids["done"], "val_bpb": 1.0}).status_code == 200
+        ids[name] = client.post(
+            "/api/experiment/register",
+            json={
+                "tag": TAG,
+                "commit_sha": "abc1234",
+                "description": name,
+                "hypothesis": "h",
+                "category": "other",
+            },
+        ).get_json()["experiment_id"]
+    assert (
+        client.post("/api/experiment/complete", json={"experiment_id": ids["done"], "val_bpb": 1.0}).status_code == 200
+    )
     client.post("/api/pool/register", json={"gpu_id": "g0", "gpu_index": 0, "gpu_name": "H100", "vram_mb": 80.0})
     assert client.post("/api/pool/acquire", json={"experiment_id": ids["running"]}).get_json()["acquired"] is True
     ids["before"] = snapshot(db)
@@ -78,14 +101,14 @@ def test_deeply_nested_json(client, db, world):
 
 
 MISSING = [
-        ("/api/experiment/setup", {}, ["tag"]),
-        ("/api/experiment/register", {"tag": TAG, "commit_sha": "abc1234"}, ["description", "hypothesis", "category"]),
-        ("/api/experiment/complete", {"val_bpb": 0.9}, ["experiment_id"]),
-        ("/api/experiment/crash", {"experiment_id": "x"}, ["error"]),
-        ("/api/search/set-strategy", {"tag": TAG}, ["mode", "reason"]),
-        ("/api/pool/register", {"gpu_id": "g9"}, ["gpu_index", "gpu_name", "vram_mb"]),
-        ("/api/pool/release", {"gpu_id": "g0"}, ["experiment_id"]),
-        ("/api/report/diff", {"experiment_a": "x"}, ["experiment_b"]),
+    ("/api/experiment/setup", {}, ["tag"]),
+    ("/api/experiment/register", {"tag": TAG, "commit_sha": "abc1234"}, ["description", "hypothesis", "category"]),
+    ("/api/experiment/complete", {"val_bpb": 0.9}, ["experiment_id"]),
+    ("/api/experiment/crash", {"experiment_id": "x"}, ["error"]),
+    ("/api/search/set-strategy", {"tag": TAG}, ["mode", "reason"]),
+    ("/api/pool/register", {"gpu_id": "g9"}, ["gpu_index", "gpu_name", "vram_mb"]),
+    ("/api/pool/release", {"gpu_id": "g0"}, ["experiment_id"]),
+    ("/api/report/diff", {"experiment_a": "x"}, ["experiment_b"]),
 ]
 
 
@@ -104,23 +127,32 @@ def test_an_empty_body_is_missing_fields(client, db, world):
 
 
 WRONG_TYPES = [
-        ("/api/experiment/complete", {"val_bpb": "0.99"}, "val_bpb"),
-        ("/api/experiment/complete", {"val_bpb": 0.9, "peak_vram_mb": "45060"}, "peak_vram_mb"),
-        ("/api/experiment/complete", {"val_bpb": 0.9, "num_steps": 9.5}, "num_steps"),
-        ("/api/experiment/complete", {"val_bpb": 0.9, "num_steps": True}, "num_steps"),
-        ("/api/experiment/complete", {"val_bpb": [0.9]}, "val_bpb"),
-        ("/api/experiment/complete", {"val_bpb": None}, "val_bpb"),
-        ("/api/experiment/setup", {"tag": 311}, "tag"),
-        ("/api/experiment/register", {"tag": TAG, "commit_sha": 1234567, "description": "d", "hypothesis": "h",
-                                      "category": "other"}, "commit_sha"),
-        ("/api/experiment/register", {"tag": TAG, "commit_sha": "abc1234", "description": 5, "hypothesis": "h",
-                                      "category": "other"}, "description"),
-        ("/api/experiment/crash", {"error": {"message": "x"}}, "error"),
-        ("/api/experiment/history", {"tag": TAG, "limit": "5"}, "limit"),
-        ("/api/pool/register", {"gpu_id": "g9", "gpu_index": "0", "gpu_name": "H100", "vram_mb": 80.0}, "gpu_index"),
-        ("/api/pool/heartbeat", {"gpu_id": "g0", "telemetry": [1, 2]}, "telemetry"),
-        ("/api/search/set-strategy", {"tag": TAG, "mode": "explore", "reason": "r", "explore_ratio": "0.5"},
-         "explore_ratio"),
+    ("/api/experiment/complete", {"val_bpb": "0.99"}, "val_bpb"),
+    ("/api/experiment/complete", {"val_bpb": 0.9, "peak_vram_mb": "45060"}, "peak_vram_mb"),
+    ("/api/experiment/complete", {"val_bpb": 0.9, "num_steps": 9.5}, "num_steps"),
+    ("/api/experiment/complete", {"val_bpb": 0.9, "num_steps": True}, "num_steps"),
+    ("/api/experiment/complete", {"val_bpb": [0.9]}, "val_bpb"),
+    ("/api/experiment/complete", {"val_bpb": None}, "val_bpb"),
+    ("/api/experiment/setup", {"tag": 311}, "tag"),
+    (
+        "/api/experiment/register",
+        {"tag": TAG, "commit_sha": 1234567, "description": "d", "hypothesis": "h", "category": "other"},
+        "commit_sha",
+    ),
+    (
+        "/api/experiment/register",
+        {"tag": TAG, "commit_sha": "abc1234", "description": 5, "hypothesis": "h", "category": "other"},
+        "description",
+    ),
+    ("/api/experiment/crash", {"error": {"message": "x"}}, "error"),
+    ("/api/experiment/history", {"tag": TAG, "limit": "5"}, "limit"),
+    ("/api/pool/register", {"gpu_id": "g9", "gpu_index": "0", "gpu_name": "H100", "vram_mb": 80.0}, "gpu_index"),
+    ("/api/pool/heartbeat", {"gpu_id": "g0", "telemetry": [1, 2]}, "telemetry"),
+    (
+        "/api/search/set-strategy",
+        {"tag": TAG, "mode": "explore", "reason": "r", "explore_ratio": "0.5"},
+        "explore_ratio",
+    ),
 ]
 
 
@@ -133,8 +165,16 @@ def test_wrongly_typed_fields_are_named(client, db, world):
         assert any(f["field"] == field for f in answer["fields"])
 
 
-OUT_OF_RANGE = [("val_bpb", -0.5), ("peak_vram_mb", -1.0), ("training_seconds", -300.0), ("num_steps", -1), ("depth", -8),
-     ("mfu_percent", -0.1), ("num_steps", 2**40), ("depth", 10**30)]
+OUT_OF_RANGE = [
+    ("val_bpb", -0.5),
+    ("peak_vram_mb", -1.0),
+    ("training_seconds", -300.0),
+    ("num_steps", -1),
+    ("depth", -8),
+    ("mfu_percent", -0.1),
+    ("num_steps", 2**40),
+    ("depth", 10**30),
+]
 
 
 def test_out_of_range_metrics(client, db, world):
@@ -153,24 +193,28 @@ def test_out_of_range_gpu_index(client, db, world):
 
 def test_nan_and_infinity_literals(client, db, world):
     for literal, field in itertools.product(("NaN", "Infinity", "-Infinity"), ("val_bpb", "peak_vram_mb")):
-        raw = '{"experiment_id": "%s", "val_bpb": 0.9, "%s": %s}' % (world["running"], field, literal)
+        eid = world["running"]
         if field == "val_bpb":
-            raw = '{"experiment_id": "%s", "val_bpb": %s}' % (world["running"], literal)
+            raw = f'{{"experiment_id": "{eid}", "val_bpb": {literal}}}'
+        else:
+            raw = f'{{"experiment_id": "{eid}", "val_bpb": 0.9, "{field}": {literal}}}'
         answer = rejected(client, db, world, "POST", "/api/experiment/complete", 400, data=raw)
         assert literal in answer["error"]
 
 
 def test_a_number_too_large_for_a_float_is_infinite_and_rejected(client, db, world):
-    raw = '{"experiment_id": "%s", "val_bpb": 1e400}' % world["running"]
+    raw = f'{{"experiment_id": "{world["running"]}", "val_bpb": 1e400}}'
     answer = rejected(client, db, world, "POST", "/api/experiment/complete", 400, data=raw)
     assert "val_bpb" in answer["error"]
 
 
 NUL_BODIES = [
-        ("/api/experiment/register", {"tag": TAG, "commit_sha": "abc1234", "description": "a\u0000b",
-                                      "hypothesis": "h", "category": "other"}),
-        ("/api/experiment/history", {"tag": "mar\u000011"}),
-        ("/api/pool/heartbeat", {"gpu_id": "g0", "telemetry": {"note": "x\u0000"}}),
+    (
+        "/api/experiment/register",
+        {"tag": TAG, "commit_sha": "abc1234", "description": "a\u0000b", "hypothesis": "h", "category": "other"},
+    ),
+    ("/api/experiment/history", {"tag": "mar\u000011"}),
+    ("/api/pool/heartbeat", {"gpu_id": "g0", "telemetry": {"note": "x\u0000"}}),
 ]
 
 
@@ -179,8 +223,26 @@ def test_nul_characters_are_rejected(client, db, world):
         rejected(client, db, world, "POST", path, 400, contains="NUL", json=body)
 
 
-UNSAFE_TAGS = ["a..b", "x.lock", "has space", "-lead", "a/b", "", "a" * 65, ".hidden", "end.", "a~b", "a^b", "a:b",
-               "a?b", "a*b", "a[b", "a\\b", "a@{b", "\u00fc"]
+UNSAFE_TAGS = [
+    "a..b",
+    "x.lock",
+    "has space",
+    "-lead",
+    "a/b",
+    "",
+    "a" * 65,
+    ".hidden",
+    "end.",
+    "a~b",
+    "a^b",
+    "a:b",
+    "a?b",
+    "a*b",
+    "a[b",
+    "a\\b",
+    "a@{b",
+    "\u00fc",
+]
 
 
 def test_tag_names_unsafe_as_a_branch_component(client, db, world):
@@ -201,17 +263,19 @@ def test_duplicate_setup_is_409(client, db, world):
 
 
 UNKNOWN_TAG = [
-        ("/api/experiment/register", {"tag": "nope", "commit_sha": "abc1234", "description": "d", "hypothesis": "h",
-                                      "category": "other"}),
-        ("/api/experiment/history", {"tag": "nope"}),
-        ("/api/experiment/best", {"tag": "nope"}),
-        ("/api/experiment/near-misses", {"tag": "nope"}),
-        ("/api/search/strategy", {"tag": "nope"}),
-        ("/api/search/set-strategy", {"tag": "nope", "mode": "explore", "reason": "r"}),
-        ("/api/search/adapt", {"tag": "nope"}),
-        ("/api/search/suggest", {"tag": "nope"}),
-        ("/api/report/summary", {"tag": "nope"}),
-        ("/api/report/tsv", {"tag": "nope"}),
+    (
+        "/api/experiment/register",
+        {"tag": "nope", "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "other"},
+    ),
+    ("/api/experiment/history", {"tag": "nope"}),
+    ("/api/experiment/best", {"tag": "nope"}),
+    ("/api/experiment/near-misses", {"tag": "nope"}),
+    ("/api/search/strategy", {"tag": "nope"}),
+    ("/api/search/set-strategy", {"tag": "nope", "mode": "explore", "reason": "r"}),
+    ("/api/search/adapt", {"tag": "nope"}),
+    ("/api/search/suggest", {"tag": "nope"}),
+    ("/api/report/summary", {"tag": "nope"}),
+    ("/api/report/tsv", {"tag": "nope"}),
 ]
 
 
@@ -221,10 +285,10 @@ def test_unknown_tag_is_404(client, db, world):
 
 
 UNKNOWN_EXPERIMENT = [
-        ("/api/experiment/complete", {"experiment_id": "exp-nope", "val_bpb": 0.5}),
-        ("/api/experiment/crash", {"experiment_id": "exp-nope", "error": "boom"}),
-        ("/api/pool/acquire", {"experiment_id": "exp-nope"}),
-        ("/api/report/diff", {"experiment_a": "exp-nope", "experiment_b": "exp-nope2"}),
+    ("/api/experiment/complete", {"experiment_id": "exp-nope", "val_bpb": 0.5}),
+    ("/api/experiment/crash", {"experiment_id": "exp-nope", "error": "boom"}),
+    ("/api/pool/acquire", {"experiment_id": "exp-nope"}),
+    ("/api/report/diff", {"experiment_a": "exp-nope", "experiment_b": "exp-nope2"}),
 ]
 
 
@@ -234,22 +298,47 @@ def test_unknown_experiment_is_404(client, db, world):
 
 
 def test_unknown_experiment_names_it(client, db, world):
-    answer = rejected(client, db, world, "POST", "/api/experiment/complete", 404,
-                      json={"experiment_id": "exp-nope", "val_bpb": 0.5})
+    answer = rejected(
+        client, db, world, "POST", "/api/experiment/complete", 404, json={"experiment_id": "exp-nope", "val_bpb": 0.5}
+    )
     assert answer["error"] == "Experiment exp-nope not found"
 
 
 def test_unknown_category_is_400(client, db, world):
-    answer = rejected(client, db, world, "POST", "/api/experiment/register", 400, json={
-        "tag": TAG, "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "vibes",
-    })
+    answer = rejected(
+        client,
+        db,
+        world,
+        "POST",
+        "/api/experiment/register",
+        400,
+        json={
+            "tag": TAG,
+            "commit_sha": "abc1234",
+            "description": "d",
+            "hypothesis": "h",
+            "category": "vibes",
+        },
+    )
     assert "category" in answer["error"]
 
 
 def test_commit_sha_must_be_hex(client, db, world):
-    answer = rejected(client, db, world, "POST", "/api/experiment/register", 400, json={
-        "tag": TAG, "commit_sha": "not-a-sha", "description": "d", "hypothesis": "h", "category": "other",
-    })
+    answer = rejected(
+        client,
+        db,
+        world,
+        "POST",
+        "/api/experiment/register",
+        400,
+        json={
+            "tag": TAG,
+            "commit_sha": "not-a-sha",
+            "description": "d",
+            "hypothesis": "h",
+            "category": "other",
+        },
+    )
     assert "commit_sha" in answer["error"]
 
 
@@ -262,9 +351,16 @@ def test_finishing_a_finished_experiment_is_409(client, db, world):
 
 def test_completing_a_crashed_experiment_is_409(client, db):
     client.post("/api/experiment/setup", json={"tag": TAG})
-    eid = client.post("/api/experiment/register", json={
-        "tag": TAG, "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "other",
-    }).get_json()["experiment_id"]
+    eid = client.post(
+        "/api/experiment/register",
+        json={
+            "tag": TAG,
+            "commit_sha": "abc1234",
+            "description": "d",
+            "hypothesis": "h",
+            "category": "other",
+        },
+    ).get_json()["experiment_id"]
     client.post("/api/experiment/crash", json={"experiment_id": eid, "error": "boom"})
     before = snapshot(db)
     response = client.post("/api/experiment/complete", json={"experiment_id": eid, "val_bpb": 0.1})
@@ -274,8 +370,9 @@ def test_completing_a_crashed_experiment_is_409(client, db):
 
 
 def test_release_by_a_non_holder_is_409(client, db, world):
-    answer = rejected(client, db, world, "POST", "/api/pool/release", 409,
-                      json={"gpu_id": "g0", "experiment_id": world["done"]})
+    answer = rejected(
+        client, db, world, "POST", "/api/pool/release", 409, json={"gpu_id": "g0", "experiment_id": world["done"]}
+    )
     assert answer["leased_to"] == world["running"]
 
 
@@ -286,6 +383,7 @@ def test_unknown_path_and_wrong_method_are_json(client, db, world):
 
 
 # --- body size ------------------------------------------------------------------------------
+
 
 def small_client(settings, limit):
     from app.web import create_app
@@ -306,6 +404,7 @@ def test_oversized_body_is_413(settings, client, db, world):
 
 
 # --- bearer token ---------------------------------------------------------------------------
+
 
 def test_bearer_token_required_when_api_token_is_set(settings, db):
     from app.web import create_app

@@ -30,7 +30,9 @@ def register(client, tag="mar11", **extra):
 
 
 def complete(client, experiment_id, val_bpb, **metrics):
-    response = client.post("/api/experiment/complete", json={"experiment_id": experiment_id, "val_bpb": val_bpb, **metrics})
+    response = client.post(
+        "/api/experiment/complete", json={"experiment_id": experiment_id, "val_bpb": val_bpb, **metrics}
+    )
     assert response.status_code == 200, response.get_json()
     return response.get_json()
 
@@ -73,10 +75,18 @@ def test_setup_takes_a_profile_and_rejects_an_unknown_one(client):
 
 def test_register_returns_an_id_and_a_running_record(client):
     setup_tag(client)
-    response = client.post("/api/experiment/register", json={
-        "tag": "mar11", "commit_sha": "deadbee", "description": "baseline", "hypothesis": "baseline",
-        "category": "other", "diff_summary": "none", "parent_id": None,
-    })
+    response = client.post(
+        "/api/experiment/register",
+        json={
+            "tag": "mar11",
+            "commit_sha": "deadbee",
+            "description": "baseline",
+            "hypothesis": "baseline",
+            "category": "other",
+            "diff_summary": "none",
+            "parent_id": None,
+        },
+    )
     body = response.get_json()
     assert response.status_code == 200
     assert body["status"] == "registered"
@@ -95,10 +105,17 @@ def test_register_with_parent(client):
     child = register(client, parent_id=parent)
     history = client.post("/api/experiment/history", json={"tag": "mar11"}).get_json()["experiments"]
     assert {e["id"]: e["parent_id"] for e in history} == {parent: None, child: parent}
-    response = client.post("/api/experiment/register", json={
-        "tag": "mar11", "commit_sha": SHA, "description": "d", "hypothesis": "h", "category": "other",
-        "parent_id": "exp-nope",
-    })
+    response = client.post(
+        "/api/experiment/register",
+        json={
+            "tag": "mar11",
+            "commit_sha": SHA,
+            "description": "d",
+            "hypothesis": "h",
+            "category": "other",
+            "parent_id": "exp-nope",
+        },
+    )
     assert response.status_code == 404
     assert response.get_json()["fields"] == {"parent_id": "exp-nope"}
 
@@ -106,11 +123,27 @@ def test_register_with_parent(client):
 def test_first_completion_is_kept_with_zero_delta(client):
     setup_tag(client)
     eid = register(client)
-    decision = complete(client, eid, 0.9979, peak_vram_mb=45060.2, training_seconds=300.1, total_tokens_m=499.6,
-                        mfu_percent=39.8, num_steps=953, num_params_m=50.3, depth=8)
+    decision = complete(
+        client,
+        eid,
+        0.9979,
+        peak_vram_mb=45060.2,
+        training_seconds=300.1,
+        total_tokens_m=499.6,
+        mfu_percent=39.8,
+        num_steps=953,
+        num_params_m=50.3,
+        depth=8,
+    )
     assert decision == {
-        "experiment_id": eid, "status": "keep", "val_bpb": 0.9979, "improved": True, "delta": 0.0,
-        "best_val_bpb": 0.9979, "near_miss": False, "action": "keep_commit",
+        "experiment_id": eid,
+        "status": "keep",
+        "val_bpb": 0.9979,
+        "improved": True,
+        "delta": 0.0,
+        "best_val_bpb": 0.9979,
+        "near_miss": False,
+        "action": "keep_commit",
     }
     best = client.post("/api/experiment/best", json={"tag": "mar11"}).get_json()
     assert best["best"]["experiment_id"] == eid
@@ -163,8 +196,13 @@ def test_near_miss_is_a_discard_within_the_threshold(client):
     first, second = body["near_misses"]
     assert first["delta"] == 0.0
     assert second == {
-        "experiment_id": inside, "tag": "mar11", "val_bpb": 1.0015, "delta": pytest.approx(0.0015),
-        "hypothesis": "close one", "category": "optimizer", "diff_summary": "lr 0.04",
+        "experiment_id": inside,
+        "tag": "mar11",
+        "val_bpb": 1.0015,
+        "delta": pytest.approx(0.0015),
+        "hypothesis": "close one",
+        "category": "optimizer",
+        "diff_summary": "lr 0.04",
     }
     limited = client.post("/api/experiment/near-misses", json={"tag": "mar11", "limit": 1}).get_json()
     assert [n["experiment_id"] for n in limited["near_misses"]] == [equal]
@@ -199,7 +237,9 @@ def test_three_consecutive_crashes_abort_and_a_completion_resets(client):
     tag = tag_record(client)
     assert tag["total_experiments"] == 6
     assert tag["crashed_experiments"] == 5
-    assert tag["total_experiments"] == tag["kept_experiments"] + tag["discarded_experiments"] + tag["crashed_experiments"]
+    assert (
+        tag["total_experiments"] == tag["kept_experiments"] + tag["discarded_experiments"] + tag["crashed_experiments"]
+    )
 
 
 def test_crash_records_the_error(client):

@@ -18,9 +18,16 @@ def register_gpu(client, gpu_id="host-a:0", gpu_index=0, **extra):
 
 def experiment(client, tag="mar11"):
     client.post("/api/experiment/setup", json={"tag": tag})
-    return client.post("/api/experiment/register", json={
-        "tag": tag, "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "other",
-    }).get_json()["experiment_id"]
+    return client.post(
+        "/api/experiment/register",
+        json={
+            "tag": tag,
+            "commit_sha": "abc1234",
+            "description": "d",
+            "hypothesis": "h",
+            "category": "other",
+        },
+    ).get_json()["experiment_id"]
 
 
 def pool(client):
@@ -106,11 +113,15 @@ def test_acquire_leases_the_lowest_idle_gpu_then_reports_none(client):
     register_gpu(client, "g0", 0)
     first, second, third = experiment(client), experiment(client), experiment(client)
     assert client.post("/api/pool/acquire", json={"experiment_id": first}).get_json() == {
-        "acquired": True, "gpu_id": "g0", "gpu_index": 0,
+        "acquired": True,
+        "gpu_id": "g0",
+        "gpu_index": 0,
     }
     assert client.post("/api/pool/acquire", json={"experiment_id": second}).get_json()["gpu_id"] == "g1"
     assert client.post("/api/pool/acquire", json={"experiment_id": third}).get_json() == {
-        "acquired": False, "gpu_id": None, "reason": "no idle GPUs",
+        "acquired": False,
+        "gpu_id": None,
+        "reason": "no idle GPUs",
     }
     leases = {w["id"]: w["current_experiment_id"] for w in pool(client)["workers"]}
     assert leases == {"g0": first, "g1": second}

@@ -18,10 +18,17 @@ def setup(client, tag=TAG):
 
 
 def register(client, tag=TAG, commit_sha="abc1234def5678", description="baseline", category="architecture"):
-    response = client.post("/api/experiment/register", json={
-        "tag": tag, "commit_sha": commit_sha, "description": description, "hypothesis": "h",
-        "category": category, "diff_summary": "x",
-    })
+    response = client.post(
+        "/api/experiment/register",
+        json={
+            "tag": tag,
+            "commit_sha": commit_sha,
+            "description": description,
+            "hypothesis": "h",
+            "category": category,
+            "diff_summary": "x",
+        },
+    )
     assert response.status_code == 200, response.get_json()
     return response.get_json()["experiment_id"]
 
@@ -38,24 +45,31 @@ def crash(client, eid):
 
 # --- tsv ------------------------------------------------------------------------------------
 
+
 def test_tsv_is_autoresearch_results_tsv(client):
     setup(client)
     complete(client, register(client, commit_sha="a1b2c3d4e5f6"), 0.997900, peak_vram_mb=45060.2)
     crash(client, register(client, commit_sha="b2c3d4e5f6a7", description="double the width"))
-    complete(client, register(client, commit_sha="c3d4e5f6a7b8", description="swap GELU for SiLU"),
-             0.99, peak_vram_mb=44000.0)
+    complete(
+        client,
+        register(client, commit_sha="c3d4e5f6a7b8", description="swap GELU for SiLU"),
+        0.99,
+        peak_vram_mb=44000.0,
+    )
     complete(client, register(client, commit_sha="d4e5f6a7b8c9", description="lr 0.05"), 1.0123456, peak_vram_mb=512)
     register(client, description="still running")  # unfinished: not in results.tsv
 
     body = client.post("/api/report/tsv", json={"tag": TAG}).get_json()
     assert body["count"] == 4
-    assert body["tsv"] == "\n".join([
-        "commit\tval_bpb\tmemory_gb\tstatus\tdescription",
-        "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline",
-        "b2c3d4e\t0.000000\t0.0\tcrash\tdouble the width",
-        "c3d4e5f\t0.990000\t43.0\tkeep\tswap GELU for SiLU",
-        "d4e5f6a\t1.012346\t0.5\tdiscard\tlr 0.05",
-    ])
+    assert body["tsv"] == "\n".join(
+        [
+            "commit\tval_bpb\tmemory_gb\tstatus\tdescription",
+            "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline",
+            "b2c3d4e\t0.000000\t0.0\tcrash\tdouble the width",
+            "c3d4e5f\t0.990000\t43.0\tkeep\tswap GELU for SiLU",
+            "d4e5f6a\t1.012346\t0.5\tdiscard\tlr 0.05",
+        ]
+    )
     for row in body["tsv"].split("\n")[1:]:
         commit, bpb, memory, status, _ = row.split("\t")
         assert re.fullmatch(r"[0-9a-f]{7}", commit)
@@ -74,11 +88,13 @@ def test_tsv_keeps_columns_when_a_description_has_tabs_or_newlines(client):
 def test_tsv_of_an_empty_tag_is_the_header(client):
     setup(client)
     assert client.post("/api/report/tsv", json={"tag": TAG}).get_json() == {
-        "tsv": "commit\tval_bpb\tmemory_gb\tstatus\tdescription", "count": 0,
+        "tsv": "commit\tval_bpb\tmemory_gb\tstatus\tdescription",
+        "count": 0,
     }
 
 
 # --- summary --------------------------------------------------------------------------------
+
 
 def test_summary(client):
     setup(client)
@@ -100,7 +116,8 @@ def test_summary(client):
     assert stats["keep_rate"] == 0.5
     assert body["categories"] == {"architecture": 2, "optimizer": 2, "attention": 1}
     assert [(p["id"], p["val_bpb"], p["description"]) for p in body["bpb_progression"]] == [
-        (first, 1.0, "baseline"), (second, 0.95, "better"),
+        (first, 1.0, "baseline"),
+        (second, 0.95, "better"),
     ]
     assert all(p["at"] for p in body["bpb_progression"])
     assert body["total_training_minutes"] == 15.0
@@ -132,8 +149,13 @@ TRAIN_B = "DEPTH = 12\nLR = 0.04\n\ndef main():\n    pass\n"
 def stored(db, source, tag=TAG, description="d"):
     with transaction(db) as session:
         return experiments_svc.register(
-            session, tag=tag, commit_sha="abc1234", description=description, hypothesis="h",
-            category="architecture", train_py=source,
+            session,
+            tag=tag,
+            commit_sha="abc1234",
+            description=description,
+            hypothesis="h",
+            category="architecture",
+            train_py=source,
         ).id
 
 
@@ -180,6 +202,7 @@ def test_diff_with_an_unknown_experiment_is_404(client):
 
 # --- tags -----------------------------------------------------------------------------------
 
+
 def test_tags_lists_every_tag_newest_first(client):
     setup(client, "first")
     setup(client, "second")
@@ -194,13 +217,27 @@ def test_tags_lists_every_tag_newest_first(client):
 # --- /openapi.json --------------------------------------------------------------------------
 
 SEED_ROUTES = [
-    ("/api/experiment/setup", "post"), ("/api/experiment/register", "post"), ("/api/experiment/complete", "post"),
-    ("/api/experiment/crash", "post"), ("/api/experiment/history", "post"), ("/api/experiment/best", "post"),
-    ("/api/experiment/near-misses", "post"), ("/api/search/strategy", "post"), ("/api/search/set-strategy", "post"),
-    ("/api/search/adapt", "post"), ("/api/search/suggest", "post"), ("/api/pool/register", "post"),
-    ("/api/pool/heartbeat", "post"), ("/api/pool/list", "get"), ("/api/pool/acquire", "post"),
-    ("/api/pool/release", "post"), ("/api/pool/deregister", "post"), ("/api/report/summary", "post"),
-    ("/api/report/tsv", "post"), ("/api/report/diff", "post"), ("/api/report/tags", "get"),
+    ("/api/experiment/setup", "post"),
+    ("/api/experiment/register", "post"),
+    ("/api/experiment/complete", "post"),
+    ("/api/experiment/crash", "post"),
+    ("/api/experiment/history", "post"),
+    ("/api/experiment/best", "post"),
+    ("/api/experiment/near-misses", "post"),
+    ("/api/search/strategy", "post"),
+    ("/api/search/set-strategy", "post"),
+    ("/api/search/adapt", "post"),
+    ("/api/search/suggest", "post"),
+    ("/api/pool/register", "post"),
+    ("/api/pool/heartbeat", "post"),
+    ("/api/pool/list", "get"),
+    ("/api/pool/acquire", "post"),
+    ("/api/pool/release", "post"),
+    ("/api/pool/deregister", "post"),
+    ("/api/report/summary", "post"),
+    ("/api/report/tsv", "post"),
+    ("/api/report/diff", "post"),
+    ("/api/report/tags", "get"),
 ]
 
 
@@ -261,13 +298,15 @@ def test_openapi_document_is_complete_and_resolves(app, client):
     for ref in refs_in(document):
         resolve(document, ref)
     complete_schema = resolve(
-        document, paths["/api/experiment/complete"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        document,
+        paths["/api/experiment/complete"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"],
     )
     assert {"experiment_id", "val_bpb"} <= set(complete_schema["required"])
     assert "ErrorPublic" in document["components"]["schemas"]
 
 
 # --- /health --------------------------------------------------------------------------------
+
 
 def test_health_reports_a_reachable_database(client):
     response = client.get("/health")

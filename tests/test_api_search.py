@@ -22,10 +22,17 @@ class Runner:
         self.best: float | None = None
 
     def one(self, outcome: str, category: str = "architecture", hypothesis: str = "h") -> str:
-        response = self.client.post("/api/experiment/register", json={
-            "tag": self.tag, "commit_sha": "abc1234", "description": f"{outcome} run", "hypothesis": hypothesis,
-            "category": category, "diff_summary": "x",
-        })
+        response = self.client.post(
+            "/api/experiment/register",
+            json={
+                "tag": self.tag,
+                "commit_sha": "abc1234",
+                "description": f"{outcome} run",
+                "hypothesis": hypothesis,
+                "category": category,
+                "diff_summary": "x",
+            },
+        )
         eid = response.get_json()["experiment_id"]
         if outcome == "crash":
             body = self.client.post("/api/experiment/crash", json={"experiment_id": eid, "error": "boom"}).get_json()
@@ -61,9 +68,16 @@ def current(client, tag=TAG):
 
 
 def test_set_strategy_overrides_and_strategy_reads_it(tagged):
-    body = tagged.post("/api/search/set-strategy", json={
-        "tag": TAG, "mode": "combine", "reason": "manual", "explore_ratio": 0.4, "temperature": 0.2,
-    }).get_json()
+    body = tagged.post(
+        "/api/search/set-strategy",
+        json={
+            "tag": TAG,
+            "mode": "combine",
+            "reason": "manual",
+            "explore_ratio": 0.4,
+            "temperature": 0.2,
+        },
+    ).get_json()
     assert body["mode"] == "combine"
     assert body["reason"] == "manual"
     assert body["explore_ratio"] == 0.4
@@ -85,9 +99,16 @@ def test_adapt_below_five_finished(tagged):
     tagged.post("/api/search/set-strategy", json={"tag": TAG, "mode": "ablation", "reason": "manual"})
     Runner(tagged).run("KDDC")
     for _ in range(3):  # running experiments are not results
-        tagged.post("/api/experiment/register", json={
-            "tag": TAG, "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "other",
-        })
+        tagged.post(
+            "/api/experiment/register",
+            json={
+                "tag": TAG,
+                "commit_sha": "abc1234",
+                "description": "d",
+                "hypothesis": "h",
+                "category": "other",
+            },
+        )
     assert adapt(tagged) == {"mode": "explore", "reason": "too few experiments to adapt"}
     assert current(tagged)["mode"] == "ablation"
 
@@ -166,8 +187,17 @@ def test_suggest_on_a_fresh_tag(tagged):
     assert body["total_experiments"] == 0
     assert body["category_stats"] == {}
     assert body["underexplored_categories"] == [
-        "architecture", "optimizer", "hyperparams", "activation", "attention", "embedding",
-        "normalization", "regularization", "scheduling", "initialization", "simplification",
+        "architecture",
+        "optimizer",
+        "hyperparams",
+        "activation",
+        "attention",
+        "embedding",
+        "normalization",
+        "regularization",
+        "scheduling",
+        "initialization",
+        "simplification",
     ]
     assert body["high_yield_categories"] == []
     assert body["near_misses_available"] == 0
@@ -191,9 +221,16 @@ def test_suggest_statistics(tagged):
     runner.one("near", "attention", hypothesis="window 512")
     runner.one("near", "embedding", hypothesis="tied embeddings")
     runner.one("keep", "hyperparams")
-    tagged.post("/api/experiment/register", json={  # running: not counted
-        "tag": TAG, "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "activation",
-    })
+    tagged.post(
+        "/api/experiment/register",
+        json={  # running: not counted
+            "tag": TAG,
+            "commit_sha": "abc1234",
+            "description": "d",
+            "hypothesis": "h",
+            "category": "activation",
+        },
+    )
     body = tagged.post("/api/search/suggest", json={"tag": TAG}).get_json()
     assert body["total_experiments"] == 9
     assert body["category_stats"] == {
@@ -240,10 +277,13 @@ def test_suggest_trend_is_the_last_five_keeps_and_flags_a_flat_trend(tagged):
     ("mode", "expected"),
     [
         ("exploit", ["Make small incremental tweaks to the current best config"]),
-        ("ablation", [
-            "Remove one component at a time to identify what actually matters",
-            "Try simplifying: fewer layers, simpler activations, remove value embeddings",
-        ]),
+        (
+            "ablation",
+            [
+                "Remove one component at a time to identify what actually matters",
+                "Try simplifying: fewer layers, simpler activations, remove value embeddings",
+            ],
+        ),
     ],
 )
 def test_suggestions_follow_the_mode(tagged, mode, expected):

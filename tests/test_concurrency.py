@@ -43,10 +43,20 @@ def api_processes(database_url, redis_url, tmp_path_factory):
     env.pop("API_TOKEN", None)
     processes = []
     for number in range(2):
-        log = open(tmp_path / f"server{number}.log", "w")  # noqa: SIM115 - closed below
-        processes.append((subprocess.Popen(
-            [sys.executable, "-c", SERVER], cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
-        ), log))
+        log = open(tmp_path / f"server{number}.log", "w")  # closed after the processes end
+        processes.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-c", SERVER],
+                    cwd=repo_root,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    text=True,
+                ),
+                log,
+            )
+        )
     urls = []
     for process, _ in processes:
         port = process.stdout.readline().strip()
@@ -95,9 +105,17 @@ def race(calls):
 
 
 def register(base, tag=TAG):
-    response = post(base, "/api/experiment/register", {
-        "tag": tag, "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "other",
-    })
+    response = post(
+        base,
+        "/api/experiment/register",
+        {
+            "tag": tag,
+            "commit_sha": "abc1234",
+            "description": "d",
+            "hypothesis": "h",
+            "category": "other",
+        },
+    )
     assert response.status_code == 200, response.text
     return response.json()["experiment_id"]
 
@@ -109,12 +127,18 @@ def test_32_simultaneous_completions_of_one_tag_are_decided_one_after_another(se
     ids = [register(servers[i % 2]) for i in range(count)]
     values = [round(1.0 + 0.0007 * i, 6) for i in range(count)]
     random.Random(11).shuffle(values)
-    value_of = dict(zip(ids, values))
+    value_of = dict(zip(ids, values, strict=True))
 
-    responses = race([
-        (lambda i=i: post(servers[i % 2], "/api/experiment/complete", {"experiment_id": ids[i], "val_bpb": values[i]}))
-        for i in range(count)
-    ])
+    responses = race(
+        [
+            (
+                lambda i=i: post(
+                    servers[i % 2], "/api/experiment/complete", {"experiment_id": ids[i], "val_bpb": values[i]}
+                )
+            )
+            for i in range(count)
+        ]
+    )
     assert [r.status_code for r in responses] == [200] * count, [r.text for r in responses if r.status_code != 200]
     decisions = {r.json()["experiment_id"]: r.json() for r in responses}
     assert set(decisions) == set(ids)
@@ -131,7 +155,7 @@ def test_32_simultaneous_completions_of_one_tag_are_decided_one_after_another(se
     # Keeps form one chain: each was decided against the keep just above it, so each is strictly
     # lower than every keep decided before it, and none was decided against a stale best.
     assert best_before(keeps[0]) is None
-    for previous, keep in zip(keeps, keeps[1:]):
+    for previous, keep in zip(keeps, keeps[1:], strict=False):
         assert best_before(keep) == pytest.approx(previous["val_bpb"], abs=1e-9)
         assert keep["val_bpb"] < previous["val_bpb"]
     for keep in keeps:
@@ -150,9 +174,10 @@ def test_32_simultaneous_completions_of_one_tag_are_decided_one_after_another(se
     # replaying them in that order gives back every decision.
     with transaction(db) as session:
         tag = session.execute(text("SELECT * FROM tags WHERE name = :t"), {"t": TAG}).mappings().one()
-        rows = session.execute(text(
-            "SELECT id, status, val_bpb, near_miss FROM experiments WHERE tag = :t ORDER BY finished_at, id"
-        ), {"t": TAG}).all()
+        rows = session.execute(
+            text("SELECT id, status, val_bpb, near_miss FROM experiments WHERE tag = :t ORDER BY finished_at, id"),
+            {"t": TAG},
+        ).all()
     assert tag["best_val_bpb"] == min(values)
     assert value_of[tag["best_experiment_id"]] == min(values)
     assert tag["total_experiments"] == count
@@ -174,10 +199,12 @@ def test_simultaneous_completions_of_one_experiment_count_once(servers, db):
     a, _ = servers
     assert post(a, "/api/experiment/setup", {"tag": TAG}).status_code == 200
     eid = register(a)
-    responses = race([
-        (lambda i=i: post(servers[i % 2], "/api/experiment/complete", {"experiment_id": eid, "val_bpb": 1.0 + i}))
-        for i in range(8)
-    ])
+    responses = race(
+        [
+            (lambda i=i: post(servers[i % 2], "/api/experiment/complete", {"experiment_id": eid, "val_bpb": 1.0 + i}))
+            for i in range(8)
+        ]
+    )
     assert sorted(r.status_code for r in responses) == [200] + [409] * 7
     tag = post(a, "/api/report/summary", {"tag": TAG}).json()["stats"]
     assert (tag["total"], tag["kept"]) == (1, 1)
@@ -186,15 +213,27 @@ def test_simultaneous_completions_of_one_experiment_count_once(servers, db):
 def test_two_agents_acquire_the_only_gpu_exactly_one_wins(servers, db):
     a, b = servers
     assert post(a, "/api/experiment/setup", {"tag": TAG}).status_code == 200
-    assert post(a, "/api/pool/register", {
-        "gpu_id": "only", "gpu_index": 0, "gpu_name": "H100", "vram_mb": 81559.0,
-    }).status_code == 200
+    assert (
+        post(
+            a,
+            "/api/pool/register",
+            {
+                "gpu_id": "only",
+                "gpu_index": 0,
+                "gpu_name": "H100",
+                "vram_mb": 81559.0,
+            },
+        ).status_code
+        == 200
+    )
     for _ in range(5):
         first, second = register(a), register(b)
-        responses = race([
-            lambda: post(a, "/api/pool/acquire", {"experiment_id": first}),
-            lambda: post(b, "/api/pool/acquire", {"experiment_id": second}),
-        ])
+        responses = race(
+            [
+                lambda first=first: post(a, "/api/pool/acquire", {"experiment_id": first}),
+                lambda second=second: post(b, "/api/pool/acquire", {"experiment_id": second}),
+            ]
+        )
         bodies = [r.json() for r in responses]
         assert [r.status_code for r in responses] == [200, 200]
         winners = [body for body in bodies if body["acquired"]]
@@ -214,28 +253,37 @@ def test_agents_racing_for_two_gpus_get_distinct_ones(servers, db):
     for index in range(2):
         post(a, "/api/pool/register", {"gpu_id": f"g{index}", "gpu_index": index, "gpu_name": "H100", "vram_mb": 1.0})
     ids = [register(servers[i % 2]) for i in range(6)]
-    responses = race([
-        (lambda i=i: post(servers[i % 2], "/api/pool/acquire", {"experiment_id": ids[i]})) for i in range(6)
-    ])
+    responses = race(
+        [(lambda i=i: post(servers[i % 2], "/api/pool/acquire", {"experiment_id": ids[i]})) for i in range(6)]
+    )
     winners = [r.json() for r in responses if r.json()["acquired"]]
     assert sorted(w["gpu_id"] for w in winners) == ["g0", "g1"]
 
 
 def test_simultaneous_setup_of_one_tag_creates_it_once(servers, db):
-    responses = race([
-        (lambda i=i: post(servers[i % 2], "/api/experiment/setup", {"tag": "same"})) for i in range(8)
-    ])
+    responses = race([(lambda i=i: post(servers[i % 2], "/api/experiment/setup", {"tag": "same"})) for i in range(8)])
     assert sorted(r.status_code for r in responses) == [200] + [409] * 7, [r.text for r in responses]
     tags = requests.get(servers[0] + "/api/report/tags", timeout=10).json()["tags"]
     assert [t["name"] for t in tags] == ["same"]
 
 
 def test_simultaneous_registration_of_one_gpu(servers, db):
-    responses = race([
-        (lambda i=i: post(servers[i % 2], "/api/pool/register", {
-            "gpu_id": "host:0", "gpu_index": 0, "gpu_name": "H100", "vram_mb": 1.0,
-        }))
-        for i in range(8)
-    ])
+    responses = race(
+        [
+            (
+                lambda i=i: post(
+                    servers[i % 2],
+                    "/api/pool/register",
+                    {
+                        "gpu_id": "host:0",
+                        "gpu_index": 0,
+                        "gpu_name": "H100",
+                        "vram_mb": 1.0,
+                    },
+                )
+            )
+            for i in range(8)
+        ]
+    )
     assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses]
     assert requests.get(servers[1] + "/api/pool/list", timeout=10).json()["total"] == 1

@@ -54,7 +54,7 @@ def test_sotu_cache_has_the_shard_layout(tiny_cache):
     assert (tiny_cache / "tokenizer" / "tokenizer.pkl").exists()
     assert (tiny_cache / "tokenizer" / "token_bytes.pt").exists()
     manifest = json.loads((tiny_cache / "manifest.json").read_text())
-    assert manifest["source"] == {"kind": "sotu"}
+    assert manifest["source"]["kind"] == "sotu"
     assert manifest["tokenizer"]["vocab_size"] == 8192
     train = set(pq.read_table(data / "shard_00000.parquet").column("text").to_pylist())
     val = set(pq.read_table(data / "shard_06542.parquet").column("text").to_pylist())
@@ -209,7 +209,7 @@ def test_dataloader_packs_whole_documents_from_bos(monkeypatch, tiny_cache):
         assert bool(((x >= 0) & (x < prep.VOCAB_SIZE)).all())
         for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
             starts = [i for i, t in enumerate(row) if t == bos]
-            pieces = [row[a + 1:b] for a, b in zip(starts, starts[1:] + [len(row)])]
+            pieces = [row[a + 1:b] for a, b in zip(starts, starts[1:] + [len(row)], strict=True)]
             for piece in pieces[:-1]:   # every document but the last is whole
                 assert tuple(piece) in encoded
             assert any(doc[:len(pieces[-1])] == tuple(pieces[-1]) for doc in encoded)

@@ -297,6 +297,39 @@ def test_duplicate_message_never_runs_a_finished_experiment_twice(cluster):
     assert row.total_experiments == 1 and row.kept_experiments == 1
 
 
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_killed_pool_child_requeues_the_run(cluster):
+    """The pool child (not the worker) dies mid-run: the parent sees the task fail and queues
+    the run again; the worker's fresh child trains it; it is recorded once."""
+    client, stack = cluster["client"], cluster["stack"]
+    tag = new_tag(client)
+    experiment_id = submit(client, tag, summary_script(sleep_s=4), "child dies", gpu_index=1)
+    wait_until(lambda: client.get(f"/api/experiment/{experiment_id}").get_json()["status"] == "running", 30,
+               "the run to start")
+    pool_children = children_of(stack.processes["gpu1"].pid)
+    assert len(pool_children) == 1
+    os.kill(pool_children[0], signal.SIGKILL)
+    record = wait_for(client, experiment_id, timeout_s=60)
+    assert record["status"] == "keep"
+    with transaction(cluster["settings"].database_url) as session:
+        from app.models import Experiment
+
+        assert session.get(Experiment, experiment_id).attempts == 2
+    row = tag_row(cluster["settings"], tag)
+    assert row.total_experiments == 1 and row.kept_experiments == 1
+
+
 def test_sigkilled_worker_loses_nothing_and_records_once(cluster, monkeypatch):
     """A worker dies with SIGKILL mid-run. Its heartbeats stop, the sweep marks its GPU offline
     and queues the run again; the surviving worker trains it; it is recorded exactly once."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
+from celery.signals import task_failure
+
 from app.celery_app import celery
 from app.config import load_settings
-from workers.training import train
+from workers.training import recover_failed_task, train
 
 log = logging.getLogger(__name__)
 
@@ -19,3 +21,12 @@ def train_experiment(self, experiment_id: str) -> dict:
         (self.request.delivery_info or {}).get("redelivered")))
     log.info("experiment %s: %s in %.1fs", experiment_id, outcome["status"], time.time() - started)
     return outcome
+
+
+@task_failure.connect(sender=train_experiment)
+def _recover_after_failure(sender=None, task_id=None, exception=None, args=None, **_):
+    """Runs in the worker's parent process when the pool child died mid-run (WorkerLostError,
+    the time-limit backstop), and in the child when the task itself raised: either way the
+    experiment must not stay `running` with nobody training it."""
+    if args:
+        recover_failed_task(args[0], settings=load_settings(), reason=f"{type(exception).__name__}: {exception}")

@@ -125,3 +125,24 @@ def record(settings: Settings, claim: runs.Claim, result: RunResult) -> dict:
         # that stands is the other one; this run's result is dropped, never written twice.
         log.warning("result of %s not recorded: %s", claim.experiment_id, exc.message)
         return {**base, "status": "superseded"}
+
+
+def recover_failed_task(experiment_id: str, *, settings: Settings, reason: str) -> None:
+    """The training task failed outside train.py (its process died, the database blinked while
+    recording): requeue the run if this worker still holds it."""
+    from app.dispatch import send
+    from app.models import RUNNING, Experiment
+
+    me = identity(settings)
+    if me is None:
+        return
+    with transaction(settings.database_url) as session:
+        experiment = session.get(Experiment, experiment_id)
+        if experiment is None or experiment.status != RUNNING or experiment.gpu_id != me[0]:
+            return
+        dispatch = runs.requeue_or_fail(session, experiment_id=experiment_id, attempt=experiment.attempts,
+                                        rules=rules_of(settings), reason=f"task failed on {me[0]}: {reason}")
+        pool.set_training(session, gpu_id=me[0], experiment_id=None)
+    if dispatch is not None:
+        send(dispatch)
+        log.warning("requeued %s after its task failed: %s", experiment_id, reason)

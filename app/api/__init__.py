@@ -14,7 +14,7 @@ from typing import Any
 from flask import Blueprint, Flask, current_app, jsonify, request
 from flask import Response as FlaskResponse
 from pydantic import BaseModel, ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from app.db import transaction
 from app.errors import DomainError, InvalidInput
@@ -43,6 +43,11 @@ def read_json_body() -> dict[str, Any]:
     """The body as a JSON object, whatever the Content-Type: the seed's curl calls send -d
     without one, so form-encoded JSON must parse too."""
     raw = request.get_data(cache=True)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        # A chunked body has no Content-Length: werkzeug stops reading at the limit and hands
+        # over the truncated start instead of raising, so a read that fills the limit is too large.
+        raise RequestEntityTooLarge()
     if not raw.strip():
         return {}
     try:

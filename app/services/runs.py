@@ -123,40 +123,44 @@ def request_cancel(session: Session, *, experiment_id: str) -> Experiment:
     return experiment
 
 
+def requeue_or_fail(session: Session, *, experiment_id: str, attempt: int, rules: exp_svc.Rules,
+                    reason: str) -> Dispatch | None:
+    """A run lost with its worker: queue it again with a fresh message (a redelivered old one
+    finds nothing to claim), or after MAX_ATTEMPTS record it as a crash. Conditional on the
+    attempt seen, so a run that finished or was requeued meanwhile is left alone."""
+    session.execute(update(Gpu).where(Gpu.current_experiment_id == experiment_id).values(current_experiment_id=None))
+    if attempt >= MAX_ATTEMPTS:
+        try:
+            exp_svc.record_failure(session, experiment_id=experiment_id, rules=rules, status=CRASH, attempt=attempt,
+                                   error=f"{reason}; lost {attempt} times, not retried")
+        except Conflict:
+            pass  # finished meanwhile
+        return None
+    task_id = str(uuid.uuid4())
+    requeued = session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id, Experiment.status == RUNNING, Experiment.attempts == attempt)
+        .values(status=QUEUED, task_id=task_id, progress=None, error=f"requeued after attempt {attempt}: {reason}")
+        .returning(Experiment.pinned_gpu)
+    ).one_or_none()
+    return Dispatch(experiment_id, task_id, queue_for(requeued.pinned_gpu)) if requeued else None
+
+
 def recover_lost_runs(session: Session, *, stale_after: float, rules: exp_svc.Rules) -> list[Dispatch]:
-    """The sweep: GPUs silent for `stale_after` go offline, and each run they held is queued
-    again (a fresh message; the old one, if redelivered, finds nothing to claim) or, after
-    MAX_ATTEMPTS, recorded as a crash. Runs whose GPU left the pool are treated the same."""
+    """The sweep: GPUs silent for `stale_after` go offline, and each run they held is requeued
+    or failed (requeue_or_fail). Runs whose GPU left the pool are treated the same."""
     from app.services.pool import mark_stale_offline
 
     mark_stale_offline(session, stale_after=stale_after)
     live_gpus = select(Gpu.id).where(Gpu.status != OFFLINE)
     lost = session.execute(
-        select(Experiment.id, Experiment.attempts, Experiment.gpu_id, Experiment.pinned_gpu).where(
+        select(Experiment.id, Experiment.attempts, Experiment.gpu_id).where(
             Experiment.status == RUNNING, Experiment.gpu_id.is_not(None), Experiment.gpu_id.not_in(live_gpus)
         )
     ).all()
-    dispatches = []
-    for run in lost:
-        session.execute(update(Gpu).where(Gpu.current_experiment_id == run.id).values(current_experiment_id=None))
-        if run.attempts >= MAX_ATTEMPTS:
-            try:
-                exp_svc.record_failure(
-                    session, experiment_id=run.id, rules=rules, status=CRASH, attempt=run.attempts,
-                    error=f"worker lost {run.attempts} times (last on {run.gpu_id}); not retried",
-                )
-            except Conflict:
-                pass  # it finished meanwhile
-            continue
-        task_id = str(uuid.uuid4())
-        # Conditional on the attempt we saw: a run that finished meanwhile stays finished.
-        requeued = session.execute(
-            update(Experiment)
-            .where(Experiment.id == run.id, Experiment.status == RUNNING, Experiment.attempts == run.attempts)
-            .values(status=QUEUED, task_id=task_id, progress=None,
-                    error=f"requeued: worker {run.gpu_id} went silent during attempt {run.attempts}")
-            .returning(Experiment.id)
-        ).one_or_none()
-        if requeued:
-            dispatches.append(Dispatch(run.id, task_id, queue_for(run.pinned_gpu)))
-    return dispatches
+    dispatches = [
+        requeue_or_fail(session, experiment_id=run.id, attempt=run.attempts, rules=rules,
+                        reason=f"worker {run.gpu_id} went silent")
+        for run in lost
+    ]
+    return [d for d in dispatches if d is not None]
