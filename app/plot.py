@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers and workers
-import matplotlib.pyplot as plt  # noqa: E402
-
 COLORS = {"keep": "#2e7d32", "discard": "#9e9e9e"}
 CRASH_COLOR = "#c62828"
 
 
 def progress_png(tag: str, points: list[dict]) -> bytes:
+    # Imported here: matplotlib costs seconds at import, and most processes never plot.
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and workers
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
     scored = [p for p in points if p["val_bpb"] is not None and p["status"] in COLORS]
     for status, color in COLORS.items():

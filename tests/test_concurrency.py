@@ -57,17 +57,19 @@ def api_processes(database_url, redis_url, tmp_path_factory):
                 log,
             )
         )
-    urls = []
-    for process, _ in processes:
-        port = process.stdout.readline().strip()
-        assert port.isdigit(), f"API server did not start; see {tmp_path}"
-        urls.append(f"http://127.0.0.1:{port}")
-    yield urls
-    for process, log in processes:
-        process.terminate()
-        process.wait(timeout=10)
-        process.stdout.close()
-        log.close()
+    try:
+        urls = []
+        for process, _ in processes:
+            port = process.stdout.readline().strip()
+            assert port.isdigit(), f"API server did not start; see {tmp_path}"
+            urls.append(f"http://127.0.0.1:{port}")
+        yield urls
+    finally:
+        for process, log in processes:
+            process.terminate()
+            process.wait(timeout=10)
+            process.stdout.close()
+            log.close()
 
 
 @pytest.fixture
