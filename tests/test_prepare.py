@@ -39,7 +39,7 @@ def test_default_profile_is_h100(monkeypatch, tmp_path):
 
 
 def test_unknown_profile_names_the_valid_ones(monkeypatch, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown AUTORESEARCH_PROFILE 'huge'.*h100, tiny"):
+    with pytest.raises(ValueError, match=r"unknown AUTORESEARCH_PROFILE 'huge'.*h100, h100-short, tiny"):
         load_prepare(monkeypatch, tmp_path, profile="huge")
 
 
