@@ -44,9 +44,6 @@ WINDOW_PATTERN = "SSSL"               # per-layer attention span: S = half conte
 # On the CPU the window is applied with a mask, where it costs nothing worth measuring.
 SLIDING_WINDOW = not USE_CUDA
 LOGIT_SOFTCAP = 15                    # logits = cap * tanh(logits / cap)
-# Residual stream in bf16 on the GPU instead of fp32: halves the memory traffic of the many
-# elementwise ops around each block (norms, residual adds, the per-layer scalars).
-RESIDUAL_BF16 = False
 
 # Optimization
 TOTAL_BATCH_SIZE = 2**19 if USE_CUDA else 4 * MAX_SEQ_LEN   # tokens per optimizer step
@@ -232,11 +229,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         cos, sin = self.cos[:, :T], self.sin[:, :T]
         x = norm(self.wte(idx))
-        if RESIDUAL_BF16 and x.is_cuda:
-            x = x.to(torch.bfloat16)
         x0 = x
         for i, block in enumerate(self.blocks):
-            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.windows[i])
         x = norm(x)
@@ -271,16 +266,9 @@ def adamw_update(p, grad, m, v, step, lr, beta1, beta2, eps, wd):
     p.add_(-(lr / (1 - beta1 ** step)) * m / denom)
 
 
-def muon_update(grads, params, momentum_buf, variance_buf, momentum, lr, wd, beta2, reduce_dim):
-    """One Muon step for a stack of same-shape matrices (leading dim = stack).
-
-    Nesterov momentum, orthogonalised by Polar Express iterations, then NorMuon: per-row (or
-    per-column) second-moment normalisation that keeps the update's overall norm, then cautious
-    weight decay (only where update and weight agree in sign).
-    """
-    momentum_buf.lerp_(grads, 1 - momentum)
-    update = grads.lerp_(momentum_buf, momentum)
-    X = update.to(torch.bfloat16 if update.is_cuda else torch.float32)
+def orthogonalize(G):
+    """Push the singular values of (a stack of) matrices towards 1, keeping singular vectors."""
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     tall = X.size(-2) > X.size(-1)
     for a, b, c in POLAR_EXPRESS:
@@ -290,6 +278,18 @@ def muon_update(grads, params, momentum_buf, variance_buf, momentum, lr, wd, bet
         else:
             A = X @ X.mT
             X = a * X + (b * A + c * (A @ A)) @ X
+    return X
+
+
+def muon_update(grads, params, momentum_buf, variance_buf, momentum, lr, wd, beta2, reduce_dim):
+    """One Muon step for a stack of same-shape matrices (leading dim = stack).
+
+    Nesterov momentum, orthogonalised by Polar Express iterations, then NorMuon: per-row (or
+    per-column) second-moment normalisation that keeps the update's overall norm, then cautious
+    weight decay (only where update and weight agree in sign).
+    """
+    momentum_buf.lerp_(grads, 1 - momentum)
+    X = orthogonalize(grads.lerp_(momentum_buf, momentum))
     sq = X.float().square().mean(dim=reduce_dim, keepdim=True)
     n = X.size(reduce_dim)
     norm_before = (sq.sum(dim=(-2, -1), keepdim=True) * n).sqrt()

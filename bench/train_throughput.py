@@ -5,7 +5,7 @@ subprocess, the way a worker does, and reports steady-state tokens/s (compile wa
 excluded), MFU, peak VRAM, startup seconds and val_bpb.
 
     # variants with a short budget (bench-only overrides of train.py constants)
-    python bench/train_throughput.py --cache .device/cache --budget 30 --variants fp32-residual,bf16-residual --then-full
+    python bench/train_throughput.py --cache .device/cache --budget 30 --variants as-is,batch64 --then-full
     # train.py exactly as it is, with the profile's full 300 s budget and full eval
     python bench/train_throughput.py --cache .device/cache --variants as-is --full
 
@@ -38,8 +38,6 @@ ANCHORS = [  # name, tokens/s, MFU %, peak VRAM MB, startup s (shared/notes/gpu-
 # Bench-only overrides of train.py's constants (the model's architecture is the same in all).
 VARIANTS = {
     "as-is": {},                                   # train.py as committed
-    "bf16-residual": {"RESIDUAL_BF16": "True"},   # residual stream in bf16
-    "fp32-residual": {"RESIDUAL_BF16": "False"},
     "batch256": {"DEVICE_BATCH_SIZE": "256"},      # one micro-batch per step, no accumulation
     "batch64": {"DEVICE_BATCH_SIZE": "64"},
 }
@@ -142,7 +140,7 @@ def fmt(value, spec):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", required=True, help="prepared AUTORESEARCH_CACHE (tokenizer + shards)")
-    parser.add_argument("--variants", default="fp32-residual,bf16-residual", help=f"comma list of {list(VARIANTS)}")
+    parser.add_argument("--variants", default="as-is", help=f"comma list of {list(VARIANTS)}")
     parser.add_argument("--budget", type=int, default=40, help="training seconds per variant (ignored with --full)")
     parser.add_argument("--eval-tokens", type=int, default=8 * 524288, help="eval tokens (ignored with --full)")
     parser.add_argument("--full", action="store_true", help="the profile's own budget and eval: train.py as is")

@@ -61,6 +61,19 @@ def tiny_cache(tmp_path_factory):
     return prepared_cache(tmp_path_factory)
 
 
+def load_train_definitions():
+    """The model, loss and optimizer definitions of train.py (everything above its setup section),
+    without running a training: for unit checks of its math against torch references."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    source = TRAIN_PY.read_text()
+    marker = "# Setup: tokenizer"
+    assert marker in source, f"train.py has no '{marker}' section"
+    namespace = {"__name__": "train_definitions", "__file__": str(TRAIN_PY)}
+    exec(compile(source.split(marker)[0], str(TRAIN_PY), "exec"), namespace)
+    return namespace
+
+
 def load_prepare(monkeypatch, cache_dir, profile="tiny"):
     """A fresh copy of the prepare module, with its constants read under the given env.
 

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 try:
-    from tests.conftest_data import TRAIN_PY, autoresearch_env, tiny_cache  # noqa: F401
+    from tests.conftest_data import TRAIN_PY, autoresearch_env, load_train_definitions, tiny_cache  # noqa: F401
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from conftest_data import TRAIN_PY, autoresearch_env, tiny_cache  # noqa: F401
+    from conftest_data import TRAIN_PY, autoresearch_env, load_train_definitions, tiny_cache  # noqa: F401
 
 SUMMARY_KEYS = ["profile", "val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
                 "total_tokens_M", "num_steps", "num_params_M", "depth"]
@@ -69,3 +69,92 @@ def test_nan_loss_fails_fast(tmp_path, tiny_cache):
     assert result.returncode != 0
     assert "FAIL: loss is NaN at step 0" in result.stderr
     assert "val_bpb" not in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# The math inside train.py, against torch references on small tensors (CPU)
+# ---------------------------------------------------------------------------
+
+def test_adamw_update_matches_torch_adamw():
+    import torch
+
+    defs = load_train_definitions()
+    torch.manual_seed(0)
+    p = torch.randn(5, 7)
+    ref = p.clone().requires_grad_()
+    torch_opt = torch.optim.AdamW([ref], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    t = {k: torch.tensor(x) for k, x in dict(lr=0.01, b1=0.8, b2=0.95, eps=1e-10, wd=0.1).items()}
+    for step in range(1, 4):
+        grad = torch.randn(5, 7)
+        ref.grad = grad.clone()
+        torch_opt.step()
+        defs["adamw_update"](p, grad, m, v, torch.tensor(float(step)), t["lr"], t["b1"], t["b2"], t["eps"], t["wd"])
+        assert torch.allclose(p, ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_orthogonalize_approximates_the_polar_factor():
+    import torch
+
+    defs = load_train_definitions()
+    torch.manual_seed(0)
+    for shape in [(64, 32), (32, 64), (4, 48, 24)]:
+        G = torch.randn(*shape)
+        X = defs["orthogonalize"](G)
+        s = torch.linalg.svdvals(X)
+        assert float(s.max()) < 1.25 and float(s.min()) > 0.75
+        U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+        polar = U @ Vh
+        cos = (X * polar).sum(dim=(-2, -1)) / (X.norm(dim=(-2, -1)) * polar.norm(dim=(-2, -1)))
+        assert bool((cos > 0.97).all())
+
+
+def _tiny_model(defs, sliding_window=True):
+    import torch
+
+    torch.manual_seed(0)
+    config = defs["GPTConfig"](sequence_len=32, vocab_size=96, n_layer=2, n_head=2, n_embd=32,
+                               sliding_window=sliding_window)
+    model = defs["GPT"](config)
+    model.init_weights()
+    return model
+
+
+def test_model_follows_the_evaluate_bpb_contract_and_is_causal():
+    import torch
+
+    defs = load_train_definitions()
+    model = _tiny_model(defs)
+    idx = torch.randint(0, 96, (3, 32))
+    targets = torch.randint(0, 96, (3, 32))
+    with torch.no_grad():
+        per_token = model(idx, targets, reduction="none")
+        assert per_token.shape == (3 * 32,)
+        assert torch.allclose(per_token.mean(), model(idx, targets))
+        assert model(idx).shape == (3, 32, 96)
+        assert float(model(idx).abs().max()) <= 15.0   # soft-capped logits
+        changed = idx.clone()
+        changed[:, 20] = (changed[:, 20] + 1) % 96
+        later = model(changed, targets, reduction="none").view(3, 32)
+        assert torch.allclose(later[:, :20], per_token.view(3, 32)[:, :20], atol=1e-6)
+        assert not torch.allclose(later[:, 20:], per_token.view(3, 32)[:, 20:])
+
+
+def test_optimizer_lowers_the_loss_on_a_fixed_batch():
+    import torch
+
+    defs = load_train_definitions()
+    model = _tiny_model(defs)
+    optimizer = defs["build_optimizer"](model)
+    kinds = {g["kind"] for g in optimizer.param_groups}
+    assert kinds == {"adamw", "muon"}
+    idx = torch.randint(0, 96, (4, 32))
+    targets = torch.roll(idx, -1, dims=1)
+    first = None
+    for _ in range(15):
+        loss = model(idx, targets)
+        first = first if first is not None else loss.item()
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+    assert math.isfinite(loss.item()) and loss.item() < first - 0.5

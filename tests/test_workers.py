@@ -70,7 +70,7 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster(database_url, redis_url, tiny_cache, tmp_path_factory):
-    """Two CPU workers (GPU indexes 0 and 1) and a third with a short kill timeout (index 5)."""
+    """Two CPU workers, GPU indexes 0 and 1, both on the shared `train` queue too."""
     from app.config import load_settings
 
     state = tmp_path_factory.mktemp("state")
@@ -85,17 +85,13 @@ def cluster(database_url, redis_url, tiny_cache, tmp_path_factory):
     gpu_ids = {i: f"test{run_id}-gpu{i}" for i in (0, 1)}
     for index, gpu_id in gpu_ids.items():
         stack.start_gpu_worker(index, cpu=True, gpu_id=gpu_id, hostname=f"{gpu_id}@%h")
-    short = Stack(dataclasses.replace(settings, kill_timeout=6.0), state / "logs-short")
-    gpu_ids[5] = f"test{run_id}-gpu5"
-    short.start_gpu_worker(5, cpu=True, gpu_id=gpu_ids[5], hostname=f"{gpu_ids[5]}@%h")
     app = create_app(settings)
     client = app.test_client()
     try:
         wait_until(lambda: all(pool_entry(client, g) and pool_entry(client, g)["status"] == "idle"
                                for g in gpu_ids.values()), 60, "workers to register")
-        yield {"client": client, "settings": settings, "stack": stack, "gpu_ids": gpu_ids}
+        yield {"client": client, "settings": settings, "stack": stack, "gpu_ids": gpu_ids, "run_id": run_id}
     finally:
-        short.stop_all()
         stack.stop_all()
 
 
@@ -208,11 +204,19 @@ def test_profile_mismatch_is_a_crash(cluster):
 
 def test_hanging_train_py_times_out_and_leaves_no_process(cluster, tmp_path):
     client = cluster["client"]
-    tag = new_tag(client)
-    pid_file = tmp_path / "pids"
-    record = wait_for(client, submit(client, tag, hanging_script(pid_file), "hang", gpu_index=5), timeout_s=60)
+    # A worker of its own with a short kill timeout; the cluster's are busy with nothing now.
+    gpu_id = f"test{cluster['run_id']}-gpu5"
+    short = Stack(dataclasses.replace(cluster["settings"], kill_timeout=6.0), tmp_path / "logs")
+    short.start_gpu_worker(5, cpu=True, gpu_id=gpu_id, hostname=f"{gpu_id}@%h")
+    try:
+        wait_until(lambda: (pool_entry(client, gpu_id) or {}).get("status") == "idle", 60, "the worker")
+        tag = new_tag(client)
+        pid_file = tmp_path / "pids"
+        record = wait_for(client, submit(client, tag, hanging_script(pid_file), "hang", gpu_index=5), timeout_s=60)
+    finally:
+        short.stop_all()
     assert record["status"] == "timeout"
-    assert record["gpu_id"] == cluster["gpu_ids"][5]
+    assert record["gpu_id"] == gpu_id
     pids = [int(p) for p in pid_file.read_text().split()]
     assert len(pids) == 2
     assert not any(alive(pid) for pid in pids)

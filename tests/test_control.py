@@ -1,0 +1,70 @@
+"""Beat's tasks, called as functions (dispatch is covered in test_workers.py)."""
+
+from __future__ import annotations
+
+import json
+
+from app import control
+from app.db import transaction
+from app.services import experiments as svc
+from app.stack import settings_env
+
+RULES = svc.Rules()
+
+
+def use_settings(monkeypatch, settings) -> None:
+    for key, value in settings_env(settings).items():
+        monkeypatch.setenv(key, value)
+
+
+def finished_experiments(database_url: str, tag: str, values: list[float | None]) -> None:
+    with transaction(database_url) as session:
+        svc.setup_tag(session, name=tag, profile="tiny")
+        for number, value in enumerate(values):
+            experiment = svc.register(session, tag=tag, commit_sha=f"{number:07x}", description=f"run {number}",
+                                      hypothesis="h", category="optimizer")
+            if value is None:
+                svc.record_failure(session, experiment_id=experiment.id, error="boom", rules=RULES)
+            else:
+                svc.complete(session, experiment_id=experiment.id, metrics={"val_bpb": value, "peak_vram_mb": 2048.0},
+                             rules=RULES)
+
+
+def test_scheduled_report_writes_summary_tsv_and_plot(settings, db, monkeypatch):
+    use_settings(monkeypatch, settings)
+    finished_experiments(db, "reported", [1.2, 1.1, 1.15, None, 1.05])
+    written = control.write_reports()
+    folder = settings.reports_dir / "reported"
+    assert written == {"reported": str(folder)}
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["best"]["val_bpb"] == 1.05 and summary["stats"]["total"] == 5
+    lines = (folder / "results.tsv").read_text().splitlines()
+    assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+    assert lines[4] == "0000003\t0.000000\t0.0\tcrash\trun 3"
+    assert len(lines) == 6
+    png = (folder / "progress.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+def test_adapt_active_tags_moves_a_crashing_tag_to_exploit(settings, db, monkeypatch):
+    use_settings(monkeypatch, settings)
+    finished_experiments(db, "crashy", [1.0, None, None, None, None, None])
+    finished_experiments(db, "young", [1.0])
+    modes = control.adapt_active_tags()
+    assert modes == {"crashy": "exploit", "young": "explore"}
+
+
+def test_sweep_marks_a_silent_gpu_offline(client, settings, db, monkeypatch):
+    import dataclasses
+
+    from app.services import pool
+
+    use_settings(monkeypatch, dataclasses.replace(settings, stale_after=0.5))
+    with transaction(db) as session:
+        pool.register_gpu(session, gpu_id="silent", gpu_index=0, gpu_name="cpu", vram_mb=0.0)
+    import time
+
+    time.sleep(1.0)
+    assert control.sweep() == {"requeued": []}
+    entry = client.get("/api/pool/list").get_json()["workers"][0]
+    assert entry["id"] == "silent" and entry["status"] == "offline"
