@@ -18,10 +18,13 @@ WARMUP_STEPS = 12
 TIMED_STEPS = 10
 PROFILED_STEPS = 3
 KINDS = [  # (kind, substrings of kernel names), first match wins
-    ("attention", ("cudnn", "flash", "fmha", "attention", "sdpa")),
-    ("matmul", ("gemm", "nvjet", "sm90_", "cutlass", "xmma", "gemv")),
-    ("copy/memset", ("memcpy", "memset", "copy_")),
-    ("triton (fused elementwise/reductions)", ("triton",)),
+    ("attention", ("cudnn", "flash", "fmha", "sdpa")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "gemv")),
+    ("triton: softcap + cross-entropy", ("softmax", "nll_loss")),
+    ("triton: relu^2 (MLP)", ("relu",)),
+    ("triton: rms_norm, rotary, residual", ("rms_norm",)),
+    ("triton: other", ("triton",)),
+    ("memcpy/memset", ("memcpy", "memset")),
 ]
 
 
