@@ -4,7 +4,7 @@ Runs the real train.py (h100 profile, real dataloader, real data from a prepared
 subprocess, the way a worker does, and reports steady-state tokens/s (compile warm-up steps
 excluded), MFU, peak VRAM, startup seconds and val_bpb.
 
-    # variants with a short budget (bench-only overrides of train.py constants)
+    # variants with a short budget (bench-only changes to a copy of train.py, see VARIANTS)
     python bench/train_throughput.py --cache .device/cache --budget 30 --variants as-is,batch64 --then-full
     # train.py exactly as it is, with the profile's full 300 s budget and full eval
     python bench/train_throughput.py --cache .device/cache --variants as-is --full
@@ -35,24 +35,47 @@ ANCHORS = [  # name, tokens/s, MFU %, peak VRAM MB, startup s (shared/notes/gpu-
     ("anchor: flex_attention, windowed", 1_514_000, 36.8, 45_059, 41),
 ]
 
-# Bench-only overrides of train.py's constants (the model's architecture is the same in all).
+# Bench-only variants of train.py (the model's architecture and math are the same in all): "set" overrides
+# constants, "code" adds lines after train.py's prepare import, "replace" swaps exact snippets (each must
+# occur once).
+CE_CALL = "return softcap_cross_entropy(logits.view(B * T, -1), targets.view(-1), cap, reduction)"
+MODEL_COMPILE = "model = torch.compile(model, dynamic=False)"
+COORDINATE_DESCENT = "import torch._inductor.config as _bench_ic; _bench_ic.coordinate_descent_tuning = True"
 VARIANTS = {
-    "as-is": {},                                   # train.py as committed
-    "batch256": {"DEVICE_BATCH_SIZE": "256"},      # one micro-batch per step, no accumulation
-    "batch64": {"DEVICE_BATCH_SIZE": "64"},
+    "as-is": {},                                             # train.py as it is in the working tree
+    # train.py before the soft-cap + cross-entropy Function: F.cross_entropy on fp32 soft-capped
+    # logits, and evaluation with autograd on (commit 998bdc9)
+    "baseline": {"replace": [
+        (CE_CALL, "return F.cross_entropy(cap * torch.tanh(logits.float().view(B * T, -1) / cap), "
+                  "targets.view(-1), ignore_index=-1, reduction=reduction)"),
+        ("with autocast_ctx, torch.no_grad():   # no autograd graph: eval keeps no activations alive",
+         "with autocast_ctx:")]},
+    # inductor tunes block sizes and warps of its generated (memory-bound) kernels at compile time
+    "cdt": {"code": [COORDINATE_DESCENT]},
+    # + the model's matmuls autotuned against inductor's Triton templates, which can take
+    # elementwise epilogues (relu^2, its backward) into the matmul
+    "cdt-mm": {"code": [COORDINATE_DESCENT], "replace": [
+        (MODEL_COMPILE, "model = torch.compile(model, dynamic=False, options={'max_autotune_gemm': True, "
+                        "'max_autotune_gemm_backends': 'ATEN,TRITON', 'coordinate_descent_tuning': True})")]},
+    "batch256": {"set": {"DEVICE_BATCH_SIZE": "256"}},       # one micro-batch per step, no accumulation
+    "batch64": {"set": {"DEVICE_BATCH_SIZE": "64"}},
 }
 
 PROGRESS = re.compile(r"^step (\d+) \| progress [\d.]+% \| loss ([\d.naif]+) \| lrm [\d.]+ \| dt (\d+)ms \| "
                       r"tok/s (\d+) \| mfu [\d.]+% \| remaining \d+s$")
 
 
-def make_variant_source(overrides, budget, eval_tokens):
+def make_variant_source(variant, budget, eval_tokens):
     source = (REPO_ROOT / "train.py").read_text()
-    for name, value in overrides.items():
+    for name, value in variant.get("set", {}).items():
         source, n = re.subn(rf"^{name} = .*$", f"{name} = {value}  # bench override", source, count=1, flags=re.M)
         if n != 1:
             raise SystemExit(f"train.py has no constant {name}")
-    extra = []
+    for old, new in variant.get("replace", []):
+        if source.count(old) != 1:
+            raise SystemExit(f"train.py holds {source.count(old)} copies of {old!r}, not 1")
+        source = source.replace(old, new)
+    extra = [f"{line}  # bench variant" for line in variant.get("code", [])]
     if budget is not None:
         extra.append(f"TIME_BUDGET = {budget}  # bench override")
     if eval_tokens is not None:
@@ -63,9 +86,9 @@ def make_variant_source(overrides, budget, eval_tokens):
     return source
 
 
-def run_variant(name, overrides, args, out_dir, time_left):
+def run_variant(name, variant, args, out_dir, time_left):
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))   # a per-run directory, as a worker makes
-    (run_dir / "train.py").write_text(make_variant_source(overrides, args.budget, args.eval_tokens))
+    (run_dir / "train.py").write_text(make_variant_source(variant, args.budget, args.eval_tokens))
     env = dict(os.environ, AUTORESEARCH_PROFILE="h100", AUTORESEARCH_CACHE=str(Path(args.cache).resolve()),
                PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +129,7 @@ def run_variant(name, overrides, args, out_dir, time_left):
         finally:
             rc = proc.wait()
     timed = [(s, dt) for s, dt, _ in steps if s >= UNTIMED_STEPS]
-    result = dict(variant=name, overrides=overrides, rc=rc, wall_s=round(time.time() - t0, 1),
+    result = dict(variant=name, changes=variant, rc=rc, wall_s=round(time.time() - t0, 1),
                   steps=len(steps), startup_s=round(t_warm, 1) if t_warm is not None else None)
     if timed:
         tok_s = TOKENS_PER_STEP * len(timed) / (sum(dt for _, dt in timed) / 1000)
