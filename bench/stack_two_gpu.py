@@ -179,7 +179,7 @@ def phase_timings(records: list[dict], submitted_at: float, gpus: int) -> dict:
         per_worker.setdefault(r["gpu_id"] or "?", []).append(r)
     workers = {}
     for gpu_id, rs in per_worker.items():
-        gaps = [ts(b["started_at"]) - ts(a["finished_at"]) for a, b in zip(rs, rs[1:])]
+        gaps = [ts(b["started_at"]) - ts(a["finished_at"]) for a, b in zip(rs, rs[1:], strict=False)]
         workers[gpu_id] = {
             "experiments": [r["id"] for r in rs],
             "idle_gaps_s": [round(g, 3) for g in gaps],

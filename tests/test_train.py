@@ -6,10 +6,7 @@ import shutil
 import subprocess
 import sys
 
-try:
-    from tests.conftest_data import TRAIN_PY, autoresearch_env, load_train_definitions, tiny_cache  # noqa: F401
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from conftest_data import TRAIN_PY, autoresearch_env, load_train_definitions, tiny_cache  # noqa: F401
+from conftest_data import TRAIN_PY, autoresearch_env, load_train_definitions
 
 SUMMARY_KEYS = ["profile", "val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
                 "total_tokens_M", "num_steps", "num_params_M", "depth"]

@@ -154,7 +154,7 @@ def test_two_workers_train_two_real_runs_at_once_and_keep_the_better(cluster):
     before = both_training() or wait_until(both_training, 60, "both workers training")
     time.sleep(2.5)
     after = [pool_entry(client, gpu_ids[i]) for i in (0, 1)]
-    for old, new in zip(before, after):
+    for old, new in zip(before, after, strict=True):
         assert new["status"] == "training"
         assert new["last_heartbeat"] > old["last_heartbeat"]
         assert "name" in new["telemetry"]
