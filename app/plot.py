@@ -14,6 +14,7 @@ def progress_png(tag: str, points: list[dict]) -> bytes:
 
     matplotlib.use("Agg")  # no display on servers and workers
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
     scored = [p for p in points if p["val_bpb"] is not None and p["status"] in COLORS]
@@ -31,6 +32,7 @@ def progress_png(tag: str, points: list[dict]) -> bytes:
         xs = [p["n"] for p in best] + ([points[-1]["n"]] if points[-1]["n"] != best[-1]["n"] else [])
         ys = [p["best"] for p in best] + ([best[-1]["best"]] if len(xs) > len(best) else [])
         ax.step(xs, ys, where="post", color=COLORS["keep"], linewidth=1.5, label="running best")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("experiment #")
     ax.set_ylabel("val_bpb (lower is better)")
     ax.set_title(f"autoresearch/{tag}: {len(points)} experiments")
