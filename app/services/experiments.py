@@ -272,12 +272,6 @@ def crash_limit_reached(tag: Tag, rules: Rules) -> bool:
     return tag.consecutive_crashes >= rules.max_consecutive_crashes
 
 
-def reset_crashes(session: Session, *, tag: str) -> Tag:
-    record = get_tag(session, tag, lock=True)
-    record.consecutive_crashes = 0
-    return record
-
-
 def tag_public(tag: Tag) -> dict:
     return {
         "name": tag.name,
