@@ -96,45 +96,6 @@ def rotate(x, cos, sin):
     return torch.cat((a * cos + b * sin, b * cos - a * sin), dim=-1)
 
 
-class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of the soft-capped logits cap * tanh(logits / cap), in fp32.
-
-    The same function as F.cross_entropy on the fp32 soft-capped logits (ignore_index -1 gives
-    0), but it keeps for the backward pass only the (bf16) logits and one log-sum-exp per row:
-    the backward recomputes the soft-cap and the softmax in one pass. F.cross_entropy would keep
-    its fp32 log-probabilities (twice the bytes of bf16 logits), written in the forward pass and
-    read back in the backward one.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, cap):
-        z = cap * torch.tanh(logits.float() / cap)
-        lse = torch.logsumexp(z, dim=-1)
-        valid = targets != -1
-        picked = z.gather(1, torch.where(valid, targets, 0).unsqueeze(1)).squeeze(1)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.cap = cap
-        return torch.where(valid, lse - picked, 0.0)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, targets, lse = ctx.saved_tensors
-        t = torch.tanh(logits.float() / ctx.cap)
-        probs = torch.exp(ctx.cap * t - lse.unsqueeze(1))
-        hit = torch.arange(logits.size(1), device=logits.device).unsqueeze(0) == targets.unsqueeze(1)
-        scale = torch.where(targets != -1, grad_loss, 0.0).unsqueeze(1)
-        grad = (probs - hit.to(probs.dtype)) * scale * (1 - t * t)   # d(cap * tanh(l / cap))/dl = 1 - tanh^2
-        return grad.to(logits.dtype), None, None
-
-
-def softcap_cross_entropy(logits, targets, cap, reduction="mean"):
-    """Cross-entropy of cap * tanh(logits / cap) on (N, V) logits and (N,) targets, -1 = ignored."""
-    losses = SoftcapCrossEntropy.apply(logits, targets, cap)
-    if reduction == "none":
-        return losses
-    return losses.sum() / (targets != -1).sum()
-
-
 _band_masks = {}
 
 
@@ -275,10 +236,11 @@ class GPT(nn.Module):
             x = block(x, ve, cos, sin, self.windows[i])
         x = norm(x)
         cap = self.config.softcap
-        logits = self.lm_head(x)
+        logits = self.lm_head(x).float()
+        logits = cap * torch.tanh(logits / cap)
         if targets is None:
-            return cap * torch.tanh(logits.float() / cap)
-        return softcap_cross_entropy(logits.view(B * T, -1), targets.view(-1), cap, reduction)
+            return logits
+        return F.cross_entropy(logits.view(B * T, -1), targets.view(-1), ignore_index=-1, reduction=reduction)
 
 
 # ---------------------------------------------------------------------------
@@ -546,7 +508,7 @@ timed_steps = step - UNTIMED_STEPS
 # ---------------------------------------------------------------------------
 
 model.eval()
-with autocast_ctx, torch.no_grad():   # no autograd graph: eval keeps no activations alive
+with autocast_ctx:
     val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
 
 t_end = time.time()
