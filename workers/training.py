@@ -10,6 +10,8 @@ import logging
 import os
 import time
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from app.config import PROJECT_ROOT, Settings
 from app.db import transaction
 from app.errors import Conflict
@@ -23,6 +25,10 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 2.0  # live progress is written to Postgres at most this often
 CANCEL_CHECK_EVERY_S = 2.0
+# A finished run's result waits this long for Postgres to come back before the task gives up:
+# minutes of GPU time must not be lost to a database restart.
+RECORD_RETRY_S = 900.0
+DATABASE_DOWN = (OperationalError, InterfaceError)
 
 
 def rules_of(settings: Settings) -> exp_svc.Rules:
@@ -71,18 +77,25 @@ def train(experiment_id: str, *, settings: Settings, redelivered: bool = False) 
     cancel_flag = False
     progress_throttle, cancel_throttle = _Throttle(PROGRESS_EVERY_S), _Throttle(CANCEL_CHECK_EVERY_S)
 
+    # Progress and the cancel check are best effort: a database blip must not kill the run.
     def on_progress(progress: dict) -> None:
         nonlocal cancel_flag
         if progress_throttle.due():
-            with transaction(settings.database_url) as session:
-                cancel_flag = runs.record_progress(
-                    session, experiment_id=experiment_id, attempt=claim.attempt, progress=progress)
+            try:
+                with transaction(settings.database_url) as session:
+                    cancel_flag = runs.record_progress(
+                        session, experiment_id=experiment_id, attempt=claim.attempt, progress=progress)
+            except DATABASE_DOWN as exc:
+                log.warning("progress of %s not stored (database unreachable): %s", experiment_id, exc.orig)
 
     def should_cancel() -> bool:
         nonlocal cancel_flag
         if not cancel_flag and cancel_throttle.due():
-            with transaction(settings.database_url) as session:
-                cancel_flag = runs.cancel_requested(session, experiment_id=experiment_id)
+            try:
+                with transaction(settings.database_url) as session:
+                    cancel_flag = runs.cancel_requested(session, experiment_id=experiment_id)
+            except DATABASE_DOWN as exc:
+                log.warning("cancel check of %s skipped (database unreachable): %s", experiment_id, exc.orig)
         return cancel_flag
 
     try:
@@ -90,10 +103,29 @@ def train(experiment_id: str, *, settings: Settings, redelivered: bool = False) 
             claim.train_py, run_dir, env=child_env(settings, claim.profile, gpu_index),
             timeout_s=settings.kill_timeout, should_cancel=should_cancel, on_progress=on_progress,
         )
-        return record(settings, claim, result)
+        return until_database_answers(lambda: record(settings, claim, result), what=f"result of {experiment_id}")
     finally:
-        with transaction(settings.database_url) as session:
-            pool.set_training(session, gpu_id=gpu_id, experiment_id=None)
+        until_database_answers(lambda: mark_idle(settings, gpu_id), what=f"{gpu_id} idle")
+
+
+def until_database_answers(action, *, what: str, give_up_after_s: float = RECORD_RETRY_S):
+    """Run `action`, retrying while Postgres is unreachable, with backoff up to 30 s."""
+    deadline = time.monotonic() + give_up_after_s
+    delay = 1.0
+    while True:
+        try:
+            return action()
+        except DATABASE_DOWN as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("database unreachable while recording %s; retrying in %.0fs: %s", what, delay, exc.orig)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def mark_idle(settings: Settings, gpu_id: str) -> None:
+    with transaction(settings.database_url) as session:
+        pool.set_training(session, gpu_id=gpu_id, experiment_id=None)
 
 
 def record(settings: Settings, claim: runs.Claim, result: RunResult) -> dict:

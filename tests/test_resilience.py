@@ -1,0 +1,75 @@
+"""Postgres goes away in the middle of a run: the run goes on, and its result is recorded once
+the database is back (embedded Postgres of our own, so the machine's server is left alone)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+from app import embedded
+from app.config import load_settings
+from app.db import forget_engines
+from app.migrate import upgrade
+from app.stack import Stack
+from app.web import create_app
+from test_workers import pool_entry, submit, summary_script, wait_for, wait_until
+
+
+def test_result_survives_a_postgres_restart_mid_run(redis_url, tiny_cache):
+    state = Path(tempfile.mkdtemp(prefix="ar-resilience-"))
+    port = embedded.free_port()
+    database_url, stop_postgres = embedded.start_postgres(state, port)
+    upgrade(database_url)
+    settings = dataclasses.replace(
+        load_settings({}), database_url=database_url, broker_url=redis_url, result_backend=redis_url,
+        external_database=True, external_broker=True, state_dir=state / "state", cache_dir=tiny_cache,
+        default_profile="tiny", kill_timeout=120, heartbeat_interval=1.0,
+    )
+    redis.Redis.from_url(redis_url).flushdb()
+    gpu_id = f"resilient-{uuid.uuid4().hex[:6]}"
+    stack = Stack(settings, state / "logs")
+    stack.start_gpu_worker(0, cpu=True, gpu_id=gpu_id, hostname=f"{gpu_id}@%h")
+    client = create_app(settings).test_client()
+    try:
+        wait_until(lambda: (pool_entry(client, gpu_id) or {}).get("status") == "idle", 60, "the worker")
+        client.post("/api/experiment/setup", json={"tag": "resilient", "profile": "tiny"})
+        experiment_id = submit(client, "resilient", summary_script(sleep_s=6), "outlives a database restart")
+        wait_until(lambda: client.get(f"/api/experiment/{experiment_id}").get_json()["status"] == "running", 30,
+                   "the run to start")
+
+        stop_postgres()
+        forget_engines()
+        time.sleep(9)  # the run finishes while the database is down; the worker keeps retrying
+        database_url_again, stop_postgres = embedded.start_postgres(state, port)
+        assert database_url_again == database_url
+
+        record = wait_for(client, experiment_id, timeout_s=90)
+        assert record["status"] == "keep" and record["val_bpb"] == 1.5
+        assert record["gpu_id"] == gpu_id
+        assert client.post("/api/report/summary", json={"tag": "resilient"}).get_json()["stats"]["total"] == 1
+    finally:
+        stack.stop_all()
+        forget_engines()
+        stop_postgres()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_submit_with_the_broker_down_is_a_503_and_leaves_no_queued_row(settings, db):
+    dead = f"redis://127.0.0.1:{embedded.free_port()}/0"
+    client = create_app(dataclasses.replace(settings, broker_url=dead, result_backend=dead)).test_client()
+    try:
+        client.post("/api/experiment/setup", json={"tag": "nobroker", "profile": "tiny"})
+        response = client.post("/api/experiment/submit", json={
+            "tag": "nobroker", "commit_sha": "abc1234", "description": "d", "hypothesis": "h",
+            "category": "other", "train_py": summary_script()})
+        assert response.status_code == 503 and "broker" in response.get_json()["error"]
+        experiment_id = response.get_json()["experiment_id"]
+        assert client.get(f"/api/experiment/{experiment_id}").get_json()["status"] == "cancelled"
+    finally:
+        create_app(settings)  # point this process's producer back at the test broker
