@@ -7,23 +7,35 @@ import logging
 from app.celery_app import celery
 from app.config import load_settings
 from app.db import transaction
-from app.dispatch import send
+from app.dispatch import send, task_ids_in_broker
 from app.services import reports, runs, strategy
 from app.services.experiments import Rules
 
 log = logging.getLogger(__name__)
 
 
+# A queued experiment is given a new message only after this long without one in the broker.
+LOST_MESSAGE_AFTER_S = 60.0
+
+
 @celery.task(name="app.control.sweep")
 def sweep() -> dict:
+    """Runs of silent workers are queued again; queued runs whose message is gone get a new one."""
     settings = load_settings()
     rules = Rules(settings.near_miss_threshold, settings.max_consecutive_crashes)
     with transaction(settings.database_url) as session:
-        dispatches = runs.recover_lost_runs(session, stale_after=settings.stale_after, rules=rules)
-    for dispatch in dispatches:
+        requeued = runs.recover_lost_runs(session, stale_after=settings.stale_after, rules=rules)
+    for dispatch in requeued:
         send(dispatch)
         log.warning("requeued %s on %s after its worker went silent", dispatch.experiment_id, dispatch.queue)
-    return {"requeued": [d.experiment_id for d in dispatches]}
+    # Only now look into the broker: the messages just sent must count as present.
+    present = task_ids_in_broker()
+    with transaction(settings.database_url) as session:
+        resent = runs.redispatch_lost_messages(session, present_task_ids=present, min_age_s=LOST_MESSAGE_AFTER_S)
+    for dispatch in resent:
+        send(dispatch)
+        log.warning("resent the lost message of queued %s to %s", dispatch.experiment_id, dispatch.queue)
+    return {"requeued": [d.experiment_id for d in requeued], "resent": [d.experiment_id for d in resent]}
 
 
 @celery.task(name="app.control.adapt_active_tags")

@@ -65,6 +65,34 @@ def test_sweep_marks_a_silent_gpu_offline(client, settings, db, monkeypatch):
     import time
 
     time.sleep(1.0)
-    assert control.sweep() == {"requeued": []}
+    assert control.sweep() == {"requeued": [], "resent": []}
     entry = client.get("/api/pool/list").get_json()["workers"][0]
     assert entry["id"] == "silent" and entry["status"] == "offline"
+
+
+def test_sweep_resends_the_message_of_a_queued_experiment_the_broker_lost(client, settings, db, monkeypatch):
+    import redis
+    from sqlalchemy import text
+
+    from app.dispatch import task_ids_in_broker
+    from app.models import Experiment
+
+    use_settings(monkeypatch, settings)
+    broker = redis.Redis.from_url(settings.broker_url)
+    broker.flushdb()
+    client.post("/api/experiment/setup", json={"tag": "lostmsg", "profile": "tiny"})
+    submitted = client.post("/api/experiment/submit", json={
+        "tag": "lostmsg", "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "other",
+        "train_py": "print('hi')\n"}).get_json()
+    assert submitted["task_id"] in task_ids_in_broker()
+    # Young and present: left alone.
+    assert control.sweep()["resent"] == []
+    broker.flushdb()  # Redis restarted without persistence: the message is gone
+    with transaction(db) as session:
+        session.execute(text("UPDATE experiments SET created_at = now() - interval '2 minutes'"))
+    assert control.sweep()["resent"] == [submitted["experiment_id"]]
+    with transaction(db) as session:
+        new_task_id = session.get(Experiment, submitted["experiment_id"]).task_id
+    assert new_task_id != submitted["task_id"] and task_ids_in_broker() == {new_task_id}
+    assert control.sweep()["resent"] == []  # present again: nothing more to do
+    broker.flushdb()

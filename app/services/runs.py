@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
@@ -164,3 +165,23 @@ def recover_lost_runs(session: Session, *, stale_after: float, rules: exp_svc.Ru
         for run in lost
     ]
     return [d for d in dispatches if d is not None]
+
+
+def redispatch_lost_messages(session: Session, *, present_task_ids: set[str], min_age_s: float) -> list[Dispatch]:
+    """Queued experiments whose message the broker no longer holds (a Redis restart without
+    persistence, a flushed queue) get a fresh message. Only those queued for `min_age_s`, so a
+    message on its way from submit is never mistaken for a lost one; a duplicate would be
+    harmless anyway, since only one message can claim the run."""
+    queued = session.execute(
+        select(Experiment.id, Experiment.task_id, Experiment.pinned_gpu)
+        .where(Experiment.status == QUEUED, Experiment.created_at < func.now() - timedelta(seconds=min_age_s))
+        .with_for_update(skip_locked=True)
+    ).all()
+    dispatches = []
+    for run in queued:
+        if run.task_id in present_task_ids:
+            continue
+        task_id = str(uuid.uuid4())
+        session.execute(update(Experiment).where(Experiment.id == run.id).values(task_id=task_id))
+        dispatches.append(Dispatch(run.id, task_id, queue_for(run.pinned_gpu)))
+    return dispatches
