@@ -11,13 +11,6 @@ celery = Celery("autoresearch", include=["app.control", "workers.tasks"])
 celery.config_from_object("celeryconfig")
 
 
-def use_settings(settings) -> None:
-    """Point this process's producer at the settings' broker (the API factory calls this, so an
-    app built with explicit settings enqueues where its workers listen)."""
-    if celery.conf.broker_url != settings.broker_url or celery.conf.result_backend != settings.result_backend:
-        celery.conf.update(broker_url=settings.broker_url, result_backend=settings.result_backend)
-
-
 @worker_process_init.connect
 def _fresh_connections_after_fork(**_):
     # A pool child must not share the parent's database sockets.

@@ -26,14 +26,14 @@ def sweep() -> dict:
     with transaction(settings.database_url) as session:
         requeued = runs.recover_lost_runs(session, stale_after=settings.stale_after, rules=rules)
     for dispatch in requeued:
-        send(dispatch)
+        send(dispatch, settings.broker_url)
         log.warning("requeued %s on %s after its worker went silent", dispatch.experiment_id, dispatch.queue)
     # Only now look into the broker: the messages just sent must count as present.
-    present = task_ids_in_broker()
+    present = task_ids_in_broker(settings.broker_url)
     with transaction(settings.database_url) as session:
         resent = runs.redispatch_lost_messages(session, present_task_ids=present, min_age_s=LOST_MESSAGE_AFTER_S)
     for dispatch in resent:
-        send(dispatch)
+        send(dispatch, settings.broker_url)
         log.warning("resent the lost message of queued %s to %s", dispatch.experiment_id, dispatch.queue)
     return {"requeued": [d.experiment_id for d in requeued], "resent": [d.experiment_id for d in resent]}
 

@@ -1,26 +1,42 @@
-"""Sending training messages. The experiment row is committed before its message is sent, so
-a worker always finds the row it is told to run."""
+"""Sending training messages, and looking for them in the broker. The experiment row is
+committed before its message is sent, so a worker always finds the row it is told to run.
+
+Producers are Celery apps of their own, one per broker URL, configured like the workers'
+(celeryconfig) but for the URL they are given: an API built with explicit settings (tests, a
+second deployment in one process) enqueues exactly where its workers listen.
+"""
 
 from __future__ import annotations
 
-from app.celery_app import celery
+import json
+from functools import lru_cache
+
+import redis
+from celery import Celery
+
 from app.services.runs import Dispatch
 
 TRAIN_TASK = "workers.train"
 
 
-def send(dispatch: Dispatch) -> None:
-    celery.send_task(TRAIN_TASK, args=[dispatch.experiment_id], task_id=dispatch.task_id, queue=dispatch.queue)
+@lru_cache(maxsize=4)
+def producer(broker_url: str) -> Celery:
+    app = Celery("autoresearch-producer", set_as_current=False)
+    app.config_from_object("celeryconfig")
+    app.conf.update(broker_url=broker_url, result_backend=None)
+    return app
 
 
-def task_ids_in_broker() -> set[str]:
+def send(dispatch: Dispatch, broker_url: str) -> None:
+    producer(broker_url).send_task(
+        TRAIN_TASK, args=[dispatch.experiment_id], task_id=dispatch.task_id, queue=dispatch.queue
+    )
+
+
+def task_ids_in_broker(broker_url: str) -> set[str]:
     """Ids of every training message Redis holds: waiting in a queue, or delivered to a worker
     and not yet acknowledged. A queued experiment whose id is not here has lost its message."""
-    import json
-
-    import redis
-
-    client = redis.Redis.from_url(celery.conf.broker_url)
+    client = redis.Redis.from_url(broker_url)
     ids = set()
     for pattern in ("train*", "gpu.*"):
         for key in client.scan_iter(match=pattern, _type="list"):

@@ -8,7 +8,6 @@ import logging
 from flask import Flask, request
 
 from app.api import error_body, experiments, install_error_handlers, pool, reports, search, system
-from app.celery_app import use_settings
 from app.config import Settings, load_settings
 
 # Paths anyone may read even when API_TOKEN is set: probes and the API's own description.
@@ -34,7 +33,6 @@ def create_app(settings: Settings | None = None) -> Flask:
                 return error_body(401, "missing or wrong bearer token (Authorization: Bearer $API_TOKEN)")
             return None
 
-    use_settings(settings)
     for module in (experiments, search, pool, reports, system):
         app.register_blueprint(module.bp)
     install_error_handlers(app)

@@ -84,7 +84,7 @@ def test_sweep_resends_the_message_of_a_queued_experiment_the_broker_lost(client
     submitted = client.post("/api/experiment/submit", json={
         "tag": "lostmsg", "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "other",
         "train_py": "print('hi')\n"}).get_json()
-    assert submitted["task_id"] in task_ids_in_broker()
+    assert submitted["task_id"] in task_ids_in_broker(settings.broker_url)
     # Young and present: left alone.
     assert control.sweep()["resent"] == []
     broker.flushdb()  # Redis restarted without persistence: the message is gone
@@ -93,6 +93,6 @@ def test_sweep_resends_the_message_of_a_queued_experiment_the_broker_lost(client
     assert control.sweep()["resent"] == [submitted["experiment_id"]]
     with transaction(db) as session:
         new_task_id = session.get(Experiment, submitted["experiment_id"]).task_id
-    assert new_task_id != submitted["task_id"] and task_ids_in_broker() == {new_task_id}
+    assert new_task_id != submitted["task_id"] and task_ids_in_broker(settings.broker_url) == {new_task_id}
     assert control.sweep()["resent"] == []  # present again: nothing more to do
     broker.flushdb()

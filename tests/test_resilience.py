@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import redis
+from test_workers import pool_entry, submit, summary_script, wait_for, wait_until
 
 from app import embedded
 from app.config import load_settings
@@ -18,7 +19,6 @@ from app.db import forget_engines
 from app.migrate import upgrade
 from app.stack import Stack
 from app.web import create_app
-from test_workers import pool_entry, submit, summary_script, wait_for, wait_until
 
 
 def test_result_survives_a_postgres_restart_mid_run(redis_url, tiny_cache):
@@ -63,13 +63,10 @@ def test_result_survives_a_postgres_restart_mid_run(redis_url, tiny_cache):
 def test_submit_with_the_broker_down_is_a_503_and_leaves_no_queued_row(settings, db):
     dead = f"redis://127.0.0.1:{embedded.free_port()}/0"
     client = create_app(dataclasses.replace(settings, broker_url=dead, result_backend=dead)).test_client()
-    try:
-        client.post("/api/experiment/setup", json={"tag": "nobroker", "profile": "tiny"})
-        response = client.post("/api/experiment/submit", json={
-            "tag": "nobroker", "commit_sha": "abc1234", "description": "d", "hypothesis": "h",
-            "category": "other", "train_py": summary_script()})
-        assert response.status_code == 503 and "broker" in response.get_json()["error"]
-        experiment_id = response.get_json()["experiment_id"]
-        assert client.get(f"/api/experiment/{experiment_id}").get_json()["status"] == "cancelled"
-    finally:
-        create_app(settings)  # point this process's producer back at the test broker
+    client.post("/api/experiment/setup", json={"tag": "nobroker", "profile": "tiny"})
+    response = client.post("/api/experiment/submit", json={
+        "tag": "nobroker", "commit_sha": "abc1234", "description": "d", "hypothesis": "h",
+        "category": "other", "train_py": summary_script()})
+    assert response.status_code == 503 and "broker" in response.get_json()["error"]
+    experiment_id = response.get_json()["experiment_id"]
+    assert client.get(f"/api/experiment/{experiment_id}").get_json()["status"] == "cancelled"

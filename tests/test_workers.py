@@ -292,8 +292,8 @@ def test_duplicate_message_never_runs_a_finished_experiment_twice(cluster):
     record = wait_for(client, experiment_id)
     assert record["status"] == "keep"
     # What a redelivery looks like to a worker: the same experiment again, on both queues.
-    send(Dispatch(experiment_id, str(uuid.uuid4()), "train"))
-    send(Dispatch(experiment_id, str(uuid.uuid4()), "gpu.0"))
+    send(Dispatch(experiment_id, str(uuid.uuid4()), "train"), cluster["settings"].broker_url)
+    send(Dispatch(experiment_id, str(uuid.uuid4()), "gpu.0"), cluster["settings"].broker_url)
     time.sleep(3)
     again = client.get(f"/api/experiment/{experiment_id}").get_json()
     assert again["finished_at"] == record["finished_at"] and again["status"] == "keep"

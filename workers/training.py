@@ -176,5 +176,5 @@ def recover_failed_task(experiment_id: str, *, settings: Settings, reason: str) 
                                         rules=rules_of(settings), reason=f"task failed on {me[0]}: {reason}")
         pool.set_training(session, gpu_id=me[0], experiment_id=None)
     if dispatch is not None:
-        send(dispatch)
+        send(dispatch, settings.broker_url)
         log.warning("requeued %s after its task failed: %s", experiment_id, reason)

@@ -114,7 +114,7 @@ def submit(body: schemas.ExperimentSubmit):
             train_py=train_py, **fields,
         )
     try:
-        send(dispatch)
+        send(dispatch, s.broker_url)
     except Exception as exc:
         # Without a message the row would wait forever: say so, and leave no queued orphan.
         with transaction(s.database_url) as session:
