@@ -7,6 +7,7 @@ import dataclasses
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from app.models import Base
 TEST_DATABASE = f"autoresearch_test_{os.getpid()}"
 LOCAL_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 LOCAL_REDIS = f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}"
+SERVER_SETTLE_S = 6.0
 
 
 def _answers(host: str, port: int) -> bool:
@@ -78,6 +80,11 @@ def database_url(service_urls) -> str:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{TEST_DATABASE}"'))
     admin.dispose()
     upgrade(url)
+    # The offline sweep gives GPUs STALE_AFTER after a Postgres start before judging them; a
+    # server started for this session must be older than the tests' STALE_AFTER (5 s at most).
+    with admin.connect() as conn:
+        uptime = conn.scalar(text("SELECT extract(epoch FROM now() - pg_postmaster_start_time())"))
+    time.sleep(max(0.0, SERVER_SETTLE_S - float(uptime)))
     yield url
     forget_engines()
     with admin.connect() as conn:
@@ -102,6 +109,9 @@ def settings(database_url, redis_url, tmp_path):
         external_broker=True,
         state_dir=tmp_path / "state",
         default_profile="tiny",
+        # Short, so that silence is simulated by backdating a heartbeat a little; the sweep also
+        # waits this long after a Postgres start, which an embedded test server just had.
+        stale_after=2.0,
     )
 
 

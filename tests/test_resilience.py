@@ -70,3 +70,31 @@ def test_submit_with_the_broker_down_is_a_503_and_leaves_no_queued_row(settings,
     assert response.status_code == 503 and "broker" in response.get_json()["error"]
     experiment_id = response.get_json()["experiment_id"]
     assert client.get(f"/api/experiment/{experiment_id}").get_json()["status"] == "cancelled"
+
+
+def test_no_gpu_is_judged_silent_right_after_a_postgres_restart():
+    """Heartbeats cannot land while the database is down; after it comes back the workers get
+    STALE_AFTER to beat again before the sweep may take their runs away."""
+    from app.db import transaction
+    from app.services import pool
+
+    state = Path(tempfile.mkdtemp(prefix="ar-restart-"))
+    port = embedded.free_port()
+    database_url, stop_postgres = embedded.start_postgres(state, port)
+    try:
+        upgrade(database_url)
+        with transaction(database_url) as session:
+            pool.register_gpu(session, gpu_id="quiet", gpu_index=0, gpu_name="cpu", vram_mb=0.0)
+        stop_postgres()
+        forget_engines()
+        time.sleep(4)
+        database_url, stop_postgres = embedded.start_postgres(state, port)
+        with transaction(database_url) as session:
+            assert pool.mark_stale_offline(session, stale_after=3) == []
+        time.sleep(3.5)
+        with transaction(database_url) as session:
+            assert [g.id for g in pool.mark_stale_offline(session, stale_after=3)] == ["quiet"]
+    finally:
+        forget_engines()
+        stop_postgres()
+        shutil.rmtree(state, ignore_errors=True)

@@ -80,11 +80,15 @@ def deregister(session: Session, *, gpu_id: str) -> None:
 
 
 def mark_stale_offline(session: Session, *, stale_after: float) -> list[Gpu]:
-    """GPUs silent for longer than `stale_after` seconds go offline; returns those that just did."""
+    """GPUs silent for longer than `stale_after` seconds go offline; returns those that just did.
+
+    Not within `stale_after` of a Postgres start: while the database was down no heartbeat could
+    land, so every GPU looks silent; they get that long to beat again before any is judged.
+    """
     cutoff = func.now() - timedelta(seconds=stale_after)
     rows = session.scalars(
         update(Gpu)
-        .where(Gpu.status != OFFLINE, Gpu.last_heartbeat < cutoff)
+        .where(Gpu.status != OFFLINE, Gpu.last_heartbeat < cutoff, func.pg_postmaster_start_time() < cutoff)
         .values(status=OFFLINE)
         .returning(Gpu)
     )
