@@ -98,3 +98,39 @@ def test_no_gpu_is_judged_silent_right_after_a_postgres_restart():
         forget_engines()
         stop_postgres()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_worker_reconnects_after_a_redis_restart_and_the_queue_survives(database_url, tiny_cache):
+    """Embedded Redis (append-only) restarts with a message queued for a busy worker: the
+    worker reconnects and the queued experiment still runs."""
+    state = Path(tempfile.mkdtemp(prefix="ar-redis-restart-"))
+    port = embedded.free_port()
+    broker_url, stop_redis = embedded.start_redis(state, port)
+    settings = dataclasses.replace(
+        load_settings({}), database_url=database_url, broker_url=broker_url, result_backend=broker_url,
+        external_database=True, external_broker=True, state_dir=state / "state", cache_dir=tiny_cache,
+        default_profile="tiny", kill_timeout=120, heartbeat_interval=1.0,
+    )
+    gpu_id = f"reconnect-{uuid.uuid4().hex[:6]}"
+    stack = Stack(settings, state / "logs")
+    stack.start_gpu_worker(0, cpu=True, gpu_id=gpu_id, hostname=f"{gpu_id}@%h")
+    client = create_app(settings).test_client()
+    try:
+        wait_until(lambda: (pool_entry(client, gpu_id) or {}).get("status") == "idle", 60, "the worker")
+        tag = f"redis{uuid.uuid4().hex[:6]}"
+        client.post("/api/experiment/setup", json={"tag": tag, "profile": "tiny"})
+        busy = submit(client, tag, summary_script(sleep_s=5), "keeps the worker busy")
+        queued = submit(client, tag, summary_script(), "waits in the queue")
+        wait_until(lambda: client.get(f"/api/experiment/{busy}").get_json()["status"] == "running", 30, "busy run")
+
+        stop_redis()
+        time.sleep(2)
+        broker_url_again, stop_redis = embedded.start_redis(state, port)
+        assert broker_url_again == broker_url
+
+        assert wait_for(client, busy, timeout_s=90)["status"] == "keep"
+        assert wait_for(client, queued, timeout_s=90)["status"] in ("keep", "discard")
+    finally:
+        stack.stop_all()
+        stop_redis()
+        shutil.rmtree(state, ignore_errors=True)
