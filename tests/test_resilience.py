@@ -21,23 +21,33 @@ from app.stack import Stack
 from app.web import create_app
 
 
-def test_result_survives_a_postgres_restart_mid_run(redis_url, tiny_cache):
-    state = Path(tempfile.mkdtemp(prefix="ar-resilience-"))
-    port = embedded.free_port()
-    database_url, stop_postgres = embedded.start_postgres(state, port)
-    upgrade(database_url)
+def one_worker(state: Path, database_url: str, broker_url: str, cache: Path, name: str):
+    """A CPU worker against these servers, registered and idle; the API as a test client."""
     settings = dataclasses.replace(
-        load_settings({}), database_url=database_url, broker_url=redis_url, result_backend=redis_url,
-        external_database=True, external_broker=True, state_dir=state / "state", cache_dir=tiny_cache,
+        load_settings({}), database_url=database_url, broker_url=broker_url, result_backend=broker_url,
+        external_database=True, external_broker=True, state_dir=state / "state", cache_dir=cache,
         default_profile="tiny", kill_timeout=120, heartbeat_interval=1.0,
     )
-    redis.Redis.from_url(redis_url).flushdb()
-    gpu_id = f"resilient-{uuid.uuid4().hex[:6]}"
+    gpu_id = f"{name}-{uuid.uuid4().hex[:6]}"
     stack = Stack(settings, state / "logs")
     stack.start_gpu_worker(0, cpu=True, gpu_id=gpu_id, hostname=f"{gpu_id}@%h")
     client = create_app(settings).test_client()
     try:
         wait_until(lambda: (pool_entry(client, gpu_id) or {}).get("status") == "idle", 60, "the worker")
+    except BaseException:
+        stack.stop_all()
+        raise
+    return stack, client, gpu_id
+
+
+def test_result_survives_a_postgres_restart_mid_run(redis_url, tiny_cache):
+    state = Path(tempfile.mkdtemp(prefix="ar-resilience-"))
+    port = embedded.free_port()
+    database_url, stop_postgres = embedded.start_postgres(state, port)
+    upgrade(database_url)
+    redis.Redis.from_url(redis_url).flushdb()
+    stack, client, gpu_id = one_worker(state, database_url, redis_url, tiny_cache, "resilient")
+    try:
         client.post("/api/experiment/setup", json={"tag": "resilient", "profile": "tiny"})
         experiment_id = submit(client, "resilient", summary_script(sleep_s=6), "outlives a database restart")
         wait_until(lambda: client.get(f"/api/experiment/{experiment_id}").get_json()["status"] == "running", 30,
@@ -106,17 +116,8 @@ def test_worker_reconnects_after_a_redis_restart_and_the_queue_survives(database
     state = Path(tempfile.mkdtemp(prefix="ar-redis-restart-"))
     port = embedded.free_port()
     broker_url, stop_redis = embedded.start_redis(state, port)
-    settings = dataclasses.replace(
-        load_settings({}), database_url=database_url, broker_url=broker_url, result_backend=broker_url,
-        external_database=True, external_broker=True, state_dir=state / "state", cache_dir=tiny_cache,
-        default_profile="tiny", kill_timeout=120, heartbeat_interval=1.0,
-    )
-    gpu_id = f"reconnect-{uuid.uuid4().hex[:6]}"
-    stack = Stack(settings, state / "logs")
-    stack.start_gpu_worker(0, cpu=True, gpu_id=gpu_id, hostname=f"{gpu_id}@%h")
-    client = create_app(settings).test_client()
+    stack, client, gpu_id = one_worker(state, database_url, broker_url, tiny_cache, "reconnect")
     try:
-        wait_until(lambda: (pool_entry(client, gpu_id) or {}).get("status") == "idle", 60, "the worker")
         tag = f"redis{uuid.uuid4().hex[:6]}"
         client.post("/api/experiment/setup", json={"tag": tag, "profile": "tiny"})
         busy = submit(client, tag, summary_script(sleep_s=5), "keeps the worker busy")
