@@ -22,7 +22,7 @@ LOST_MESSAGE_AFTER_S = 60.0
 def sweep() -> dict:
     """Runs of silent workers are queued again; queued runs whose message is gone get a new one."""
     settings = load_settings()
-    rules = Rules(settings.near_miss_threshold, settings.max_consecutive_crashes)
+    rules = Rules.from_settings(settings)
     with transaction(settings.database_url) as session:
         requeued = runs.recover_lost_runs(session, stale_after=settings.stale_after, rules=rules)
     for dispatch in requeued:

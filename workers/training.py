@@ -31,10 +31,6 @@ RECORD_RETRY_S = 900.0
 DATABASE_DOWN = (OperationalError, InterfaceError)
 
 
-def rules_of(settings: Settings) -> exp_svc.Rules:
-    return exp_svc.Rules(settings.near_miss_threshold, settings.max_consecutive_crashes)
-
-
 def child_env(settings: Settings, profile: str, gpu_index: int) -> dict[str, str]:
     env = {
         "AUTORESEARCH_PROFILE": profile,
@@ -129,7 +125,7 @@ def mark_idle(settings: Settings, gpu_id: str) -> None:
 
 
 def record(settings: Settings, claim: runs.Claim, result: RunResult) -> dict:
-    rules = rules_of(settings)
+    rules = exp_svc.Rules.from_settings(settings)
     base = {"experiment_id": claim.experiment_id}
     try:
         with transaction(settings.database_url) as session:
@@ -173,7 +169,7 @@ def recover_failed_task(experiment_id: str, *, settings: Settings, reason: str) 
         if experiment is None or experiment.status != RUNNING or experiment.gpu_id != me[0]:
             return
         dispatch = runs.requeue_or_fail(session, experiment_id=experiment_id, attempt=experiment.attempts,
-                                        rules=rules_of(settings), reason=f"task failed on {me[0]}: {reason}")
+                                        rules=exp_svc.Rules.from_settings(settings), reason=f"task failed on {me[0]}: {reason}")
         pool.set_training(session, gpu_id=me[0], experiment_id=None)
     if dispatch is not None:
         send(dispatch, settings.broker_url)

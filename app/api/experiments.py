@@ -25,8 +25,7 @@ WAIT_POLL_S = 0.5
 
 
 def rules() -> svc.Rules:
-    s = settings()
-    return svc.Rules(near_miss_threshold=s.near_miss_threshold, max_consecutive_crashes=s.max_consecutive_crashes)
+    return svc.Rules.from_settings(settings())
 
 
 def check_category(category: str) -> None:

@@ -46,6 +46,10 @@ class Rules:
     near_miss_threshold: float = 0.002
     max_consecutive_crashes: int = 3
 
+    @classmethod
+    def from_settings(cls, settings) -> Rules:
+        return cls(settings.near_miss_threshold, settings.max_consecutive_crashes)
+
 
 def new_experiment_id() -> str:
     # Sortable by creation time, unique across processes: milliseconds plus random bits.

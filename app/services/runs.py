@@ -11,7 +11,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, InvalidInput
-from app.models import CRASH, FINISHED_STATUSES, OFFLINE, QUEUED, RUNNING, Experiment, Gpu
+from app.models import CRASH, OFFLINE, QUEUED, RUNNING, Experiment, Gpu
 from app.services import experiments as exp_svc
 
 # A run whose worker died is queued again this many times in all, then recorded as a crash:
@@ -114,9 +114,7 @@ def request_cancel(session: Session, *, experiment_id: str) -> Experiment:
     """Queued: cancelled at once (its message finds nothing to claim). Running: flagged; the
     worker kills the process group within a poll and records the cancellation."""
     experiment = exp_svc.get_experiment(session, experiment_id, lock=True)
-    if experiment.status in FINISHED_STATUSES:
-        raise Conflict(f"Experiment {experiment_id} already finished with status '{experiment.status}'",
-                       fields={"experiment_id": experiment_id})
+    exp_svc.check_open(experiment)
     experiment.cancel_requested = True
     if experiment.status == QUEUED:
         exp_svc.mark_cancelled(session, experiment_id=experiment_id, reason="cancelled while queued")
