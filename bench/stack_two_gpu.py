@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from app.cli import api_url, start_stack  # noqa: E402
 from app.config import load_settings  # noqa: E402
+from workers.gpu import list_gpus  # noqa: E402
+from workers.training import cpu_share_env  # noqa: E402
 
 POLL_S = 2.0
 
@@ -257,7 +259,8 @@ def main() -> int:
         gpus = sorted(int(name[3:]) for name in workers if name.startswith("gpu") and name[3:].isdigit())
     print(f"stack up in {time.time() - t0:.1f}s: {', '.join(workers)}; profile {args.profile}", flush=True)
     summary: dict = {"profile": args.profile, "gpus": gpus, "experiments_per_phase": args.experiments,
-                     "started": datetime.fromtimestamp(t0).isoformat(), "tags": {}}
+                     "started": datetime.fromtimestamp(t0).isoformat(), "tags": {},
+                     "train_thread_limits": cpu_share_env(gpus_on_host=len(list_gpus()), cores=os.cpu_count() or 1)}
     try:
         summary["nvidia_smi"] = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip()
     except OSError:

@@ -18,6 +18,7 @@ from app.errors import Conflict
 from app.models import CANCELLED, CRASH, TIMEOUT
 from app.services import experiments as exp_svc
 from app.services import pool, runs
+from workers.gpu import list_gpus
 from workers.heartbeat import identity
 from workers.runner import RunResult, run_training
 
@@ -31,6 +32,10 @@ RECORD_RETRY_S = 900.0
 DATABASE_DOWN = (OperationalError, InterfaceError)
 
 
+# Thread pools a train.py sizes from the host's core count unless told otherwise.
+CPU_THREAD_VARIABLES = ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS")
+
+
 def child_env(settings: Settings, profile: str, gpu_index: int) -> dict[str, str]:
     env = {
         "AUTORESEARCH_PROFILE": profile,
@@ -40,7 +45,21 @@ def child_env(settings: Settings, profile: str, gpu_index: int) -> dict[str, str
     }
     # A CPU worker has no device to pin; a GPU worker pins its own.
     env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", str(gpu_index))
+    env.update(cpu_share_env(gpus_on_host=len(list_gpus()), cores=os.cpu_count() or 1))
     return env
+
+
+def cpu_share_env(*, gpus_on_host: int, cores: int) -> dict[str, str]:
+    """Thread limits that give each GPU's run an equal share of the host's cores.
+
+    Without them every run sizes its torch.compile worker pool and OpenMP threads to all cores,
+    and runs that start together on a multi-GPU host oversubscribe the CPU during start-up.
+    A limit already in the worker's environment wins; a CPU worker (no GPU) keeps every core.
+    """
+    if gpus_on_host < 2:
+        return {}
+    share = str(max(1, cores // gpus_on_host))
+    return {name: share for name in CPU_THREAD_VARIABLES if name not in os.environ}
 
 
 class _Throttle:
