@@ -8,9 +8,13 @@ own code and the HTTP API, as an agent would use it:
      Redis, migrations, the API (gunicorn), control worker + beat, one Celery worker per GPU;
   2. warm-up tag: the baseline once on every GPU (pinned), so the torch.compile caches on disk are
      warm for both measured phases alike; not counted;
-  3. phase "multi": a tag, the baseline + variations of train.py submitted unpinned, all GPUs;
-  4. phase "single": the GPU workers but gpu0 are stopped; a new tag, the same sources, one GPU;
-  5. the pool is polled (/api/pool/list) every POLL_S throughout; heartbeats.jsonl.
+  3. the one-GPU phase, first half ("single-a"): the workers but gpu0 are stopped; a tag, the first
+     half of the sources (baseline + variations of train.py), submitted unpinned;
+  4. phase "multi": the workers are started again; a tag, all the sources, unpinned, all GPUs;
+  5. the one-GPU phase, second half ("single-b"): as in 3, with the other half of the sources.
+     Splitting the one-GPU runs around the multi-GPU phase puts drift over the session (compile
+     caches warming, clocks, the host) on both sides alike;
+  6. the pool is polled (/api/pool/list) every POLL_S throughout; heartbeats.jsonl.
 
 Writes under --out: summary.json, results.tsv + progress.png (of the multi-GPU tag, from the API),
 heartbeats.jsonl, timings.json, logs.tar.gz (the stack's logs and every train.log), and prints
@@ -213,6 +217,26 @@ def phase_timings(records: list[dict], submitted_at: float, gpus: int) -> dict:
     }
 
 
+def one_gpu_total(first: dict, second: dict) -> dict:
+    """The two halves of the one-GPU phase as one: their makespans add up, their means weigh by count."""
+    parts = (first, second)
+    ok = sum(p["finished_ok"] for p in parts)
+    makespan = sum(p["makespan_s"] or 0 for p in parts)
+
+    def weighted(key):
+        pairs = [(p[key], p["finished_ok"]) for p in parts if p[key] is not None]
+        weight = sum(w for _, w in pairs)
+        return round(sum(v * w for v, w in pairs) / weight, 3) if weight else None
+
+    maxima = [p["max_idle_gap_s"] for p in parts if p["max_idle_gap_s"] is not None]
+    return {"gpus": 1, "submitted": sum(p["submitted"] for p in parts), "finished_ok": ok,
+            "makespan_s": round(makespan, 3) if makespan else None,
+            "experiments_per_hour": round(ok * 3600 / makespan, 2) if makespan and ok else None,
+            **{key: weighted(key) for key in ("mean_experiment_wall_s", "mean_training_seconds",
+                                              "mean_total_seconds", "mean_idle_gap_s")},
+            "max_idle_gap_s": max(maxima) if maxima else None}
+
+
 def heartbeat_stats(path: Path) -> dict:
     """From the polls of each phase: how often every GPU was `training`, and its utilisation then."""
     stats: dict[str, dict] = {}
@@ -300,15 +324,22 @@ def main() -> int:
         runs = runs[:count]
         summary["experiments_per_phase"] = count
 
-        for phase, n in (("multi", len(gpus)), ("single", 1)):
-            if phase == "single":
-                for index in gpus[1:]:
-                    stack.stop(f"gpu{index}")
+        half = len(runs) // 2
+        live = set(gpus)
+        for phase, phase_gpus, phase_runs in (("single-a", gpus[:1], runs[:half]), ("multi", gpus, runs),
+                                              ("single-b", gpus[:1], runs[half:])):
+            for index in sorted(live - set(phase_gpus)):
+                stack.stop(f"gpu{index}")
+            for index in sorted(set(phase_gpus) - live):
+                stack.start_gpu_worker(index, cpu=bool(args.cpu_workers))
+            live = set(phase_gpus)
+            wait_pool(api, len(phase_gpus))
+            n = len(phase_gpus)
             poller.phase = phase
-            tag = f"{phase}{n}-{stamp}"
+            tag = f"{phase}-{n}gpu-{stamp}"
             api.post("/api/experiment/setup", {"tag": tag, "profile": args.profile})
             submitted_at = time.time()
-            ids = submit_all(api, tag, runs)
+            ids = submit_all(api, tag, phase_runs)
             records, complete = wait_all(api, ids, deadline)
             timings[phase] = {"tag": tag, "complete": complete, **phase_timings(records, submitted_at, n)}
             summary["tags"][phase] = tag
@@ -323,11 +354,10 @@ def main() -> int:
     finally:
         poller.halt.set()
         poller.join(timeout=5)
-        if "multi" in timings and "single" in timings:
+        if all(phase in timings for phase in ("single-a", "multi", "single-b")):
+            timings["single"] = one_gpu_total(timings["single-a"], timings["single-b"])
             a, b = timings["multi"]["experiments_per_hour"], timings["single"]["experiments_per_hour"]
             timings["ratio_experiments_per_hour"] = round(a / b, 3) if a and b else None
-            ma, mb = timings["multi"]["makespan_s"], timings["single"]["makespan_s"]
-            timings["ratio_makespan_single_over_multi"] = round(mb / ma, 3) if ma and mb else None
         if beats.exists():
             timings["heartbeats"] = heartbeat_stats(beats)
         timings["script_wall_s"] = round(time.time() - t0, 3)
@@ -343,12 +373,13 @@ def main() -> int:
     print()
     print(f"{'phase':<8} {'gpus':>4} {'ok':>3} {'makespan s':>10} {'exp/h':>7} {'exp wall s':>10} "
           f"{'train s':>8} {'mean gap s':>10} {'max gap s':>9}")
-    for phase in ("multi", "single"):
+    for phase in ("single-a", "multi", "single-b", "single"):
         if phase in timings:
             p = timings[phase]
             print(f"{phase:<8} {p['gpus']:>4} {p['finished_ok']:>3} {p['makespan_s'] or '-':>10} "
                   f"{p['experiments_per_hour'] or '-':>7} {p['mean_experiment_wall_s'] or '-':>10} "
-                  f"{p['mean_training_seconds'] or '-':>8} {p['mean_idle_gap_s'] or '-':>10} {p['max_idle_gap_s'] or '-':>9}")
+                  f"{p['mean_training_seconds'] or '-':>8} {p['mean_idle_gap_s'] or '-':>10} "
+                  f"{p['max_idle_gap_s'] or '-':>9}")
     print(f"ratio experiments/hour multi/single: {timings.get('ratio_experiments_per_hour')}")
     for phase, h in timings.get("heartbeats", {}).items():
         print(f"heartbeats {phase}: {h['polls_all_live_training']}/{h['polls']} polls all live GPUs training; "
