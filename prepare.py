@@ -619,6 +619,15 @@ def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=None, prefe
         for _ in range(prefetch + 2):
             free.put((torch.empty((2, B, T), dtype=torch.long, pin_memory=True), None))
 
+    def hand_over(item):
+        """Queue `item` for the consumer, giving up once it has stopped listening."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
     def produce():
         try:
             row = np.empty(T + 1, dtype=np.int64)
@@ -634,20 +643,9 @@ def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=None, prefe
                     packer.fill_row(row)
                     out[0, b] = row[:-1]
                     out[1, b] = row[1:]
-                item = (buf, packer.epoch)
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
+                hand_over((buf, packer.epoch))
         except BaseException as e:  # hand the error to the consumer instead of dying silently
-            while not stop.is_set():
-                try:
-                    ready.put(e, timeout=0.1)
-                    break
-                except queue.Full:
-                    pass
+            hand_over(e)
 
     worker = threading.Thread(target=produce, name=f"dataloader-{split}", daemon=True)
     worker.start()
