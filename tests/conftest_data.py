@@ -23,6 +23,11 @@ TRAIN_PY = REPO_ROOT / "train.py"
 _module_ids = itertools.count()
 
 
+def registration(tag, **fields):
+    """A body for /api/experiment/register (or submit, with train_py): plain values, `fields` win."""
+    return {"tag": tag, "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "other", **fields}
+
+
 def autoresearch_env(cache_dir, profile="tiny", **extra):
     """Environment for running prepare.py / train.py as a subprocess against `cache_dir`."""
     env = dict(os.environ)

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 
 import pytest
+from conftest_data import registration
 from sqlalchemy import text
 
 from app.db import transaction
@@ -52,13 +53,7 @@ def world(client, db):
     for name in ("done", "running"):
         ids[name] = client.post(
             "/api/experiment/register",
-            json={
-                "tag": TAG,
-                "commit_sha": "abc1234",
-                "description": name,
-                "hypothesis": "h",
-                "category": "other",
-            },
+            json=registration(TAG, description=name),
         ).get_json()["experiment_id"]
     assert (
         client.post("/api/experiment/complete", json={"experiment_id": ids["done"], "val_bpb": 1.0}).status_code == 200
@@ -136,12 +131,12 @@ WRONG_TYPES = [
     ("/api/experiment/setup", {"tag": 311}, "tag"),
     (
         "/api/experiment/register",
-        {"tag": TAG, "commit_sha": 1234567, "description": "d", "hypothesis": "h", "category": "other"},
+        registration(TAG, commit_sha=1234567),
         "commit_sha",
     ),
     (
         "/api/experiment/register",
-        {"tag": TAG, "commit_sha": "abc1234", "description": 5, "hypothesis": "h", "category": "other"},
+        registration(TAG, description=5),
         "description",
     ),
     ("/api/experiment/crash", {"error": {"message": "x"}}, "error"),
@@ -211,7 +206,7 @@ def test_a_number_too_large_for_a_float_is_infinite_and_rejected(client, db, wor
 NUL_BODIES = [
     (
         "/api/experiment/register",
-        {"tag": TAG, "commit_sha": "abc1234", "description": "a\u0000b", "hypothesis": "h", "category": "other"},
+        registration(TAG, description="a\u0000b"),
     ),
     ("/api/experiment/history", {"tag": "mar\u000011"}),
     ("/api/pool/heartbeat", {"gpu_id": "g0", "telemetry": {"note": "x\u0000"}}),
@@ -265,7 +260,7 @@ def test_duplicate_setup_is_409(client, db, world):
 UNKNOWN_TAG = [
     (
         "/api/experiment/register",
-        {"tag": "nope", "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "other"},
+        registration("nope"),
     ),
     ("/api/experiment/history", {"tag": "nope"}),
     ("/api/experiment/best", {"tag": "nope"}),
@@ -312,13 +307,7 @@ def test_unknown_category_is_400(client, db, world):
         "POST",
         "/api/experiment/register",
         400,
-        json={
-            "tag": TAG,
-            "commit_sha": "abc1234",
-            "description": "d",
-            "hypothesis": "h",
-            "category": "vibes",
-        },
+        json=registration(TAG, category="vibes"),
     )
     assert "category" in answer["error"]
 
@@ -331,13 +320,7 @@ def test_commit_sha_must_be_hex(client, db, world):
         "POST",
         "/api/experiment/register",
         400,
-        json={
-            "tag": TAG,
-            "commit_sha": "not-a-sha",
-            "description": "d",
-            "hypothesis": "h",
-            "category": "other",
-        },
+        json=registration(TAG, commit_sha="not-a-sha"),
     )
     assert "commit_sha" in answer["error"]
 
@@ -351,16 +334,7 @@ def test_finishing_a_finished_experiment_is_409(client, db, world):
 
 def test_completing_a_crashed_experiment_is_409(client, db):
     client.post("/api/experiment/setup", json={"tag": TAG})
-    eid = client.post(
-        "/api/experiment/register",
-        json={
-            "tag": TAG,
-            "commit_sha": "abc1234",
-            "description": "d",
-            "hypothesis": "h",
-            "category": "other",
-        },
-    ).get_json()["experiment_id"]
+    eid = client.post("/api/experiment/register", json=registration(TAG)).get_json()["experiment_id"]
     client.post("/api/experiment/crash", json={"experiment_id": eid, "error": "boom"})
     before = snapshot(db)
     response = client.post("/api/experiment/complete", json={"experiment_id": eid, "val_bpb": 0.1})
@@ -393,7 +367,7 @@ def small_client(settings, limit):
 
 def test_oversized_body_is_413(settings, client, db, world):
     small = small_client(settings, 1024)
-    body = {"tag": TAG, "commit_sha": "abc1234", "description": "x" * 2000, "hypothesis": "h", "category": "other"}
+    body = registration(TAG, description="x" * 2000)
     response = small.post("/api/experiment/register", json=body)
     assert response.status_code == 413
     assert response.get_json()["error"] == "request body too large (limit 1024 bytes)"

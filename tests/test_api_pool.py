@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from conftest_data import registration
 from sqlalchemy import text
 
 from app.db import transaction
@@ -18,16 +19,7 @@ def register_gpu(client, gpu_id="host-a:0", gpu_index=0, **extra):
 
 def experiment(client, tag="mar11"):
     client.post("/api/experiment/setup", json={"tag": tag})
-    return client.post(
-        "/api/experiment/register",
-        json={
-            "tag": tag,
-            "commit_sha": "abc1234",
-            "description": "d",
-            "hypothesis": "h",
-            "category": "other",
-        },
-    ).get_json()["experiment_id"]
+    return client.post("/api/experiment/register", json=registration(tag)).get_json()["experiment_id"]
 
 
 def pool(client):

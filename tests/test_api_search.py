@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest_data import registration
 
 TAG = "mar11"
 
@@ -24,14 +25,8 @@ class Runner:
     def one(self, outcome: str, category: str = "architecture", hypothesis: str = "h") -> str:
         response = self.client.post(
             "/api/experiment/register",
-            json={
-                "tag": self.tag,
-                "commit_sha": "abc1234",
-                "description": f"{outcome} run",
-                "hypothesis": hypothesis,
-                "category": category,
-                "diff_summary": "x",
-            },
+            json=registration(self.tag, description=f"{outcome} run", hypothesis=hypothesis, category=category,
+                              diff_summary="x"),
         )
         eid = response.get_json()["experiment_id"]
         if outcome == "crash":
@@ -99,16 +94,7 @@ def test_adapt_below_five_finished(tagged):
     tagged.post("/api/search/set-strategy", json={"tag": TAG, "mode": "ablation", "reason": "manual"})
     Runner(tagged).run("KDDC")
     for _ in range(3):  # running experiments are not results
-        tagged.post(
-            "/api/experiment/register",
-            json={
-                "tag": TAG,
-                "commit_sha": "abc1234",
-                "description": "d",
-                "hypothesis": "h",
-                "category": "other",
-            },
-        )
+        tagged.post("/api/experiment/register", json=registration(TAG))
     assert adapt(tagged) == {"mode": "explore", "reason": "too few experiments to adapt"}
     assert current(tagged)["mode"] == "ablation"
 
@@ -223,13 +209,7 @@ def test_suggest_statistics(tagged):
     runner.one("keep", "hyperparams")
     tagged.post(
         "/api/experiment/register",
-        json={  # running: not counted
-            "tag": TAG,
-            "commit_sha": "abc1234",
-            "description": "d",
-            "hypothesis": "h",
-            "category": "activation",
-        },
+        json=registration(TAG, category="activation"),  # running: not counted
     )
     body = tagged.post("/api/search/suggest", json={"tag": TAG}).get_json()
     assert body["total_experiments"] == 9

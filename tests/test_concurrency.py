@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest_data import registration
 from sqlalchemy import text
 
 from app.db import transaction
@@ -107,17 +108,7 @@ def race(calls):
 
 
 def register(base, tag=TAG):
-    response = post(
-        base,
-        "/api/experiment/register",
-        {
-            "tag": tag,
-            "commit_sha": "abc1234",
-            "description": "d",
-            "hypothesis": "h",
-            "category": "other",
-        },
-    )
+    response = post(base, "/api/experiment/register", registration(tag))
     assert response.status_code == 200, response.text
     return response.json()["experiment_id"]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from conftest_data import registration
+
 from app import control
 from app.db import transaction
 from app.services import experiments as svc
@@ -81,9 +83,8 @@ def test_sweep_resends_the_message_of_a_queued_experiment_the_broker_lost(client
     broker = redis.Redis.from_url(settings.broker_url)
     broker.flushdb()
     client.post("/api/experiment/setup", json={"tag": "lostmsg", "profile": "tiny"})
-    submitted = client.post("/api/experiment/submit", json={
-        "tag": "lostmsg", "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "other",
-        "train_py": "print('hi')\n"}).get_json()
+    submitted = client.post("/api/experiment/submit",
+                            json=registration("lostmsg", train_py="print('hi')\n")).get_json()
     assert submitted["task_id"] in task_ids_in_broker(settings.broker_url)
     # Young and present: left alone.
     assert control.sweep()["resent"] == []

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import redis
+from conftest_data import registration
 from test_workers import pool_entry, submit, summary_script, wait_for, wait_until
 
 from app import embedded
@@ -74,9 +75,7 @@ def test_submit_with_the_broker_down_is_a_503_and_leaves_no_queued_row(settings,
     dead = f"redis://127.0.0.1:{embedded.free_port()}/0"
     client = create_app(dataclasses.replace(settings, broker_url=dead, result_backend=dead)).test_client()
     client.post("/api/experiment/setup", json={"tag": "nobroker", "profile": "tiny"})
-    response = client.post("/api/experiment/submit", json={
-        "tag": "nobroker", "commit_sha": "abc1234", "description": "d", "hypothesis": "h",
-        "category": "other", "train_py": summary_script()})
+    response = client.post("/api/experiment/submit", json=registration("nobroker", train_py=summary_script()))
     assert response.status_code == 503 and "broker" in response.get_json()["error"]
     experiment_id = response.get_json()["experiment_id"]
     assert client.get(f"/api/experiment/{experiment_id}").get_json()["status"] == "cancelled"

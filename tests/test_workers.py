@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from conftest_data import registration
 
 from app.config import PROJECT_ROOT
 from app.db import transaction
@@ -267,16 +268,13 @@ def test_pinned_experiments_run_only_on_their_gpu(cluster):
 def test_submit_to_an_offline_gpu_or_a_tripped_tag_is_refused(cluster):
     client = cluster["client"]
     tag = new_tag(client)
-    response = client.post("/api/experiment/submit", json={
-        "tag": tag, "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "other",
-        "train_py": summary_script(), "gpu_index": 42})
+    response = client.post("/api/experiment/submit",
+                           json=registration(tag, train_py=summary_script(), gpu_index=42))
     assert response.status_code == 409 and "gpu_index" in str(response.get_json())
     broken = "raise SystemExit('broken on purpose')\n"
     for _ in range(3):
         assert wait_for(client, submit(client, tag, broken, "broken"))["status"] == "crash"
-    refused = client.post("/api/experiment/submit", json={
-        "tag": tag, "commit_sha": "abc1234", "description": "d", "hypothesis": "h", "category": "other",
-        "train_py": summary_script()})
+    refused = client.post("/api/experiment/submit", json=registration(tag, train_py=summary_script()))
     assert refused.status_code == 409 and "acknowledge_crashes" in refused.get_json()["error"]
     accepted = submit(client, tag, summary_script(), "after fix", acknowledge_crashes=True)
     assert wait_for(client, accepted)["status"] == "keep"
