@@ -332,9 +332,8 @@ def main() -> int:
                 stack.stop(f"gpu{index}")
             for index in sorted(set(phase_gpus) - live):
                 stack.start_gpu_worker(index, cpu=bool(args.cpu_workers))
-            live = set(phase_gpus)
-            wait_pool(api, len(phase_gpus))
-            n = len(phase_gpus)
+            live, n = set(phase_gpus), len(phase_gpus)
+            wait_pool(api, n)
             poller.phase = phase
             tag = f"{phase}-{n}gpu-{stamp}"
             api.post("/api/experiment/setup", {"tag": tag, "profile": args.profile})
