@@ -819,6 +819,99 @@ def sliding_window_attention(q, k, v, window):
 
 
 # ---------------------------------------------------------------------------
+# Fused training loss (CUDA): soft-capped cross-entropy and its gradient in one pass
+# ---------------------------------------------------------------------------
+# The loss is the last step before backward, so its gradient with respect to the logits can be
+# computed in the forward pass, over the logits' own memory: one read and one write of the
+# (N, V) bf16 logits, where the compiled soft-cap + cross-entropy makes several passes in each
+# direction. The backward is then just the lm_head's two matmuls, scaled by the incoming gradient.
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # CPU builds of torch ship without Triton
+    triton = None
+
+
+def fused_loss_available(device="cuda"):
+    """Whether lm_head_softcap_loss can run: Triton and a CUDA device."""
+    return triton is not None and torch.cuda.is_available() and torch.device(device).type == "cuda"
+
+
+SOFTCAP_CE_WARPS = 8   # warps per row of the loss kernel (bench/fused_loss.py times the choices)
+MAX_FUSED_CAP = 60.0   # exp(60) times any vocabulary up to 2**30 stays finite in fp32
+
+if triton is not None:
+    @triton.jit
+    def _softcap_ce_kernel(logits_ptr, targets_ptr, losses_ptr, inv_count_ptr, row_stride, cap,
+                           V: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < V
+        row_ptr = logits_ptr + row * row_stride
+        target = tl.load(targets_ptr + row)
+        valid = target >= 0
+        z_target = cap * libdevice.tanh(tl.load(row_ptr + tl.maximum(target, 0)).to(tl.float32) * (1.0 / cap))
+        t = libdevice.tanh(tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32) * (1.0 / cap))
+        # Soft-capped logits lie in [-cap, cap]: with cap <= MAX_FUSED_CAP, exp() cannot overflow and
+        # needs no max subtracted, so one reduction a row, not two.
+        e = tl.where(inside, tl.exp(cap * t), 0.0)
+        total = tl.sum(e, axis=0)
+        tl.store(losses_ptr + row, tl.where(valid, tl.log(total) - z_target, 0.0))
+        # d loss / d raw = (softmax - onehot) * (1 - tanh^2), over the count of scored rows
+        grad = (e * (1.0 / total) - (cols == target).to(tl.float32)) * (1.0 - t * t) * tl.load(inv_count_ptr)
+        tl.store(row_ptr + cols, tl.where(valid, grad, 0.0).to(logits_ptr.dtype.element_ty), mask=inside)
+
+
+@torch.library.custom_op("autoresearch::lm_head_softcap_loss", mutates_args=())
+def _lm_head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = x @ weight.t()
+    losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
+    inv_count = 1.0 / (targets >= 0).sum().clamp_min(1).float()
+    _softcap_ce_kernel[(x.size(0),)](logits, targets, losses, inv_count, logits.stride(0), cap,
+                                     V=logits.size(1), BLOCK=triton.next_power_of_2(logits.size(1)),
+                                     num_warps=SOFTCAP_CE_WARPS)
+    return losses.sum() * inv_count, logits  # the logits' memory now holds d loss / d logits
+
+
+@_lm_head_loss.register_fake
+def _(x, weight, targets, cap):
+    return x.new_empty((), dtype=torch.float32), x.new_empty((x.size(0), weight.size(0)))
+
+
+def _lm_head_loss_setup(ctx, inputs, output):
+    x, weight, _, _ = inputs
+    _, grad_logits = output
+    ctx.mark_non_differentiable(grad_logits)
+    ctx.save_for_backward(x, weight, grad_logits)
+
+
+def _lm_head_loss_grad(ctx, d_loss, _):
+    x, weight, grad_logits = ctx.saved_tensors
+    return grad_logits @ (weight * d_loss), (grad_logits.t() @ x) * d_loss, None, None
+
+
+_lm_head_loss.register_autograd(_lm_head_loss_grad, setup_context=_lm_head_loss_setup)
+
+
+def lm_head_softcap_loss(x, weight, targets, cap):
+    """Training loss of a soft-capped lm_head: mean over targets >= 0 of the cross-entropy of
+    cap * tanh(x @ weight.T / cap). x (N, C) and weight (V, C) in bf16 on CUDA, targets (N,) int64.
+
+    The same function as F.cross_entropy(cap * tanh(logits.float() / cap), targets, ignore_index=-1);
+    differentiable in x and weight. Needs fused_loss_available(). For training only: its forward
+    also computes the gradient, which evaluation would not use.
+    """
+    if not 0 < cap <= MAX_FUSED_CAP:
+        raise ValueError(f"lm_head_softcap_loss needs a soft-cap in (0, {MAX_FUSED_CAP:g}], got {cap}: "
+                         f"set FUSED_LOSS = False in train.py for other caps")
+    loss, _ = _lm_head_loss(x, weight, targets, float(cap))
+    return loss
+
+
+# ---------------------------------------------------------------------------
 # Evaluation: the fixed metric
 # ---------------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ from prepare import (
     TIME_BUDGET,
     Tokenizer,
     evaluate_bpb,
+    fused_loss_available,
+    lm_head_softcap_loss,
     make_dataloader,
     sliding_window_attention,
     window_attention_available,
@@ -66,6 +68,7 @@ FINAL_LR_FRAC = 0.0                   # LR at the end, as a fraction of the init
 
 # Runtime
 COMPILE = USE_CUDA                    # torch.compile pays on the GPU; on the CPU its startup would eat the budget
+FUSED_LOSS = fused_loss_available()   # training loss and its gradient in one Triton pass (prepare.py)
 UNTIMED_STEPS = 10 if COMPILE else 1  # first steps (compilation) do not count towards the budget
 H100_BF16_PEAK_FLOPS = 989.5e12       # for MFU
 
@@ -241,6 +244,9 @@ class GPT(nn.Module):
             x = block(x, ve, cos, sin, self.windows[i])
         x = norm(x)
         cap = self.config.softcap
+        if FUSED_LOSS and targets is not None and reduction == "mean" and torch.is_grad_enabled():
+            return lm_head_softcap_loss(x.reshape(B * T, -1).to(torch.bfloat16),
+                                        self.lm_head.weight.to(torch.bfloat16), targets.reshape(-1), cap)
         logits = self.lm_head(x).float()
         logits = cap * torch.tanh(logits / cap)
         if targets is None:

@@ -40,50 +40,10 @@ ANCHORS = [  # name, tokens/s, MFU %, peak VRAM MB, startup s (shared/notes/gpu-
 # occur once).
 MODEL_COMPILE = "model = torch.compile(model, dynamic=False)"
 COORDINATE_DESCENT = "import torch._inductor.config as _bench_ic; _bench_ic.coordinate_descent_tuning = True"
-# Soft-cap + cross-entropy as an autograd.Function that keeps only the bf16 logits and one log-sum-exp
-# per row for the backward pass; the same function. Measured within noise of train.py's F.cross_entropy,
-# whose log-softmax inductor already recomputes in the backward (docs/benchmarks.md, 2026-11-26).
-SOFTCAP_CE_FUNCTION = """class SoftcapCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, cap):
-        z = cap * torch.tanh(logits.float() / cap)
-        lse = torch.logsumexp(z, dim=-1)
-        valid = targets != -1
-        picked = z.gather(1, torch.where(valid, targets, 0).unsqueeze(1)).squeeze(1)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.cap = cap
-        return torch.where(valid, lse - picked, 0.0)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, targets, lse = ctx.saved_tensors
-        t = torch.tanh(logits.float() / ctx.cap)
-        probs = torch.exp(ctx.cap * t - lse.unsqueeze(1))
-        hit = torch.arange(logits.size(1), device=logits.device).unsqueeze(0) == targets.unsqueeze(1)
-        scale = torch.where(targets != -1, grad_loss, 0.0).unsqueeze(1)
-        grad = (probs - hit.to(probs.dtype)) * scale * (1 - t * t)   # d(cap tanh(l / cap))/dl = 1 - tanh^2
-        return grad.to(logits.dtype), None, None
-
-
-def softcap_cross_entropy(logits, targets, cap, reduction="mean"):
-    losses = SoftcapCrossEntropy.apply(logits, targets, cap)
-    return losses if reduction == "none" else losses.sum() / (targets != -1).sum()
-
-
-_band_masks = {}
-"""
 VARIANTS = {
     "as-is": {},                                             # train.py as it is in the working tree
-    # the loss through SOFTCAP_CE_FUNCTION, and evaluation under torch.no_grad()
-    "ce-function": {"replace": [
-        ("_band_masks = {}\n", SOFTCAP_CE_FUNCTION),
-        ("        logits = self.lm_head(x).float()\n        logits = cap * torch.tanh(logits / cap)\n"
-         "        if targets is None:\n            return logits\n"
-         "        return F.cross_entropy(logits.view(B * T, -1), targets.view(-1), ignore_index=-1, reduction=reduction)\n",
-         "        logits = self.lm_head(x)\n        if targets is None:\n"
-         "            return cap * torch.tanh(logits.float() / cap)\n"
-         "        return softcap_cross_entropy(logits.view(B * T, -1), targets.view(-1), cap, reduction)\n"),
-        ("with autocast_ctx:\n    val_bpb", "with autocast_ctx, torch.no_grad():\n    val_bpb")]},
+    # the training loss as compiled PyTorch ops instead of prepare.lm_head_softcap_loss's Triton kernel
+    "plain-loss": {"set": {"FUSED_LOSS": "False"}},
     # inductor tunes block sizes and warps of its generated (memory-bound) kernels at compile time
     "cdt": {"code": [COORDINATE_DESCENT]},
     # + the model's matmuls autotuned against inductor's Triton templates, which can take

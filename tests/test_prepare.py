@@ -241,3 +241,27 @@ def test_evaluate_bpb_of_a_uniform_model(monkeypatch, tiny_cache):
     loader.close()
     assert tokens > 0
     assert bpb == pytest.approx(math.log2(tok.get_vocab_size()) * tokens / nbytes, rel=1e-6)  # fp32 loss
+
+
+# ---------------------------------------------------------------------------
+# Fused training loss (CUDA only)
+# ---------------------------------------------------------------------------
+
+def test_fused_loss_matches_softcapped_cross_entropy(monkeypatch, tiny_cache):
+    prep = load_prepare(monkeypatch, tiny_cache)
+    if not prep.fused_loss_available():
+        pytest.skip("needs CUDA and Triton")
+    cap, generator = 15.0, torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(512, 64, device="cuda", generator=generator).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(1000, 64, device="cuda", generator=generator) * 0.1).requires_grad_()
+    targets = torch.randint(0, 1000, (512,), device="cuda", generator=generator)
+    targets[::7] = -1
+    loss = prep.lm_head_softcap_loss(x, weight.to(torch.bfloat16), targets, cap)
+    grads = torch.autograd.grad(2 * loss, (x, weight))
+
+    x_ref, weight_ref = x.detach().float().requires_grad_(), weight.detach().to(torch.bfloat16).float().requires_grad_()
+    reference = nn.functional.cross_entropy(cap * torch.tanh(x_ref @ weight_ref.t() / cap), targets, ignore_index=-1)
+    reference_grads = torch.autograd.grad(2 * reference, (x_ref, weight_ref))
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-4)
+    for grad, expected in zip(grads, reference_grads, strict=True):
+        assert (grad.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
