@@ -244,6 +244,7 @@ class GPT(nn.Module):
             x = block(x, ve, cos, sin, self.windows[i])
         x = norm(x)
         cap = self.config.softcap
+        # Training on the GPU ends here; a loss other than soft-capped cross-entropy needs FUSED_LOSS = False.
         if FUSED_LOSS and targets is not None and reduction == "mean" and torch.is_grad_enabled():
             return lm_head_softcap_loss(x.reshape(B * T, -1).to(torch.bfloat16),
                                         self.lm_head.weight.to(torch.bfloat16), targets.reshape(-1), cap)
