@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cuda_timing import time_ms  # noqa: E402
+
 from prepare import sliding_window_attention, window_attention_available  # noqa: E402
 
 
@@ -54,19 +56,6 @@ def check(window, B=2, T=2048, H=4, D=128):
         print(f"  window {window:4d} {name}: max error / max |ref|: cudnn window {err_ours:.2e}, "
               f"SDPA bf16 with mask {err_sdpa:.2e}", flush=True)
     return worst
-
-
-def time_ms(fn, iters=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main():

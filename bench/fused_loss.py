@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cuda_timing import time_ms  # noqa: E402
+
 import prepare  # noqa: E402
 from prepare import fused_loss_available, lm_head_softcap_loss  # noqa: E402
 
@@ -63,19 +65,6 @@ def check(N=8192, C=512, V=8192):
         worst = max(worst, err_fused / max(err_plain, 1e-6))
         print(f"  {name:9s} max error / max |ref|: fused {err_fused:.2e}, plain bf16 {err_plain:.2e}", flush=True)
     return worst
-
-
-def time_ms(fn, iters=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def measure(loss_fn, x, weight, targets):
