@@ -44,6 +44,8 @@ VARIANTS = {
     "as-is": {},                                             # train.py as it is in the working tree
     # the training loss as compiled PyTorch ops instead of prepare.lm_head_softcap_loss's Triton kernel
     "plain-loss": {"set": {"FUSED_LOSS": "False"}},
+    # the loss kernel with 16 warps a row (bench/fused_loss.py measured it faster alone; not yet end to end)
+    "loss-warps16": {"code": ["import prepare as _bench_loss; _bench_loss.SOFTCAP_CE_WARPS = 16"]},
     # inductor tunes block sizes and warps of its generated (memory-bound) kernels at compile time
     "cdt": {"code": [COORDINATE_DESCENT]},
     # + the model's matmuls autotuned against inductor's Triton templates, which can take
