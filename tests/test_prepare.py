@@ -265,3 +265,10 @@ def test_fused_loss_matches_softcapped_cross_entropy(monkeypatch, tiny_cache):
     assert loss.item() == pytest.approx(reference.item(), rel=1e-4)
     for grad, expected in zip(grads, reference_grads, strict=True):
         assert (grad.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+def test_fused_loss_refuses_a_cap_exp_could_overflow_with_the_fix(monkeypatch, tiny_cache):
+    prep = load_prepare(monkeypatch, tiny_cache)
+    x, weight = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(16, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="FUSED_LOSS = False"):
+        prep.lm_head_softcap_loss(x, weight, torch.zeros(4, dtype=torch.long), 100)
