@@ -80,15 +80,15 @@ class HostSampler(threading.Thread):
 
 
 def settings(cores, gpus):
-    share = str(max(1, cores // gpus))
+    share = dict.fromkeys(CPU_THREAD_VARIABLES, str(max(1, cores // gpus)))   # what a GPU worker now sets
     return {
         "default": {},                                              # torch sizes its pools to every core
-        "share": dict.fromkeys(CPU_THREAD_VARIABLES, share),        # what a GPU worker now sets
-        "compile1": {"OMP_NUM_THREADS": share, "TORCHINDUCTOR_COMPILE_THREADS": "1"},  # no compile pool
+        "share": share,
+        "compile1": {**share, "TORCHINDUCTOR_COMPILE_THREADS": "1"},  # no compile pool
         # the pool starts when a kernel needs compiling, not when torch.compile is first called
-        "nowarm": {**dict.fromkeys(CPU_THREAD_VARIABLES, share), "TORCH_WARM_POOL": "0"},
+        "nowarm": {**share, "TORCH_WARM_POOL": "0"},
         # the caching allocator's plain cudaMalloc segments instead of mapped, growable ones
-        "noexpand": {**dict.fromkeys(CPU_THREAD_VARIABLES, share), "PYTORCH_ALLOC_CONF": "expandable_segments:False"},
+        "noexpand": {**share, "PYTORCH_ALLOC_CONF": "expandable_segments:False"},
     }
 
 

@@ -39,6 +39,8 @@ ANCHORS = [  # name, tokens/s, MFU %, peak VRAM MB, startup s (shared/notes/gpu-
 # constants, "code" adds lines after train.py's prepare import, "replace" swaps exact snippets (each must
 # occur once).
 MODEL_COMPILE = "model = torch.compile(model, dynamic=False)"
+PRINT_TRAINING_PEAK = ("model.eval()\n", "print(f'training peak MB {torch.cuda.max_memory_allocated() / 2**20:.1f}', "
+                                         "flush=True)\nmodel.eval()\n")
 COORDINATE_DESCENT = "import torch._inductor.config as _bench_ic; _bench_ic.coordinate_descent_tuning = True"
 VARIANTS = {
     "as-is": {},                                             # train.py as it is in the working tree
@@ -54,11 +56,9 @@ VARIANTS = {
         (MODEL_COMPILE, "model = torch.compile(model, dynamic=False, options={'max_autotune_gemm': True, "
                         "'max_autotune_gemm_backends': 'ATEN,TRITON', 'coordinate_descent_tuning': True})")]},
     # prints the peak memory of training alone, before evaluation adds its own
-    "peak-split": {"replace": [("model.eval()\n", "print(f'training peak MB {torch.cuda.max_memory_allocated() / 2**20:.1f}', "
-                                                  "flush=True)\nmodel.eval()\n")]},
+    "peak-split": {"replace": [PRINT_TRAINING_PEAK]},
     # evaluation in half-size batches: the same rows and tokens, half the logits in memory at once
-    "eval64": {"replace": [("model.eval()\n", "print(f'training peak MB {torch.cuda.max_memory_allocated() / 2**20:.1f}', "
-                                              "flush=True)\nmodel.eval()\n"),
+    "eval64": {"replace": [PRINT_TRAINING_PEAK,
                            ("evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)", "evaluate_bpb(model, tokenizer, 64)")]},
     # every layer over the full causal context (SDPA's cuDNN kernel, no sliding window)
     "no-window": {"set": {"WINDOW_PATTERN": '"L"'}},
