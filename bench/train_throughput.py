@@ -46,8 +46,19 @@ VARIANTS = {
     "as-is": {},                                             # train.py as it is in the working tree
     # the training loss as compiled PyTorch ops instead of prepare.lm_head_softcap_loss's Triton kernel
     "plain-loss": {"set": {"FUSED_LOSS": "False"}},
-    # the loss kernel with 16 warps a row (bench/fused_loss.py measured it faster alone; not yet end to end)
+    # rotary + QK norm as compiled PyTorch ops instead of prepare.rotary_rms_norm's Triton kernels
+    "plain-qk-norm": {"set": {"FUSED_QK_NORM": "False"}},
+    # the loss kernel with libdevice's exact tanh instead of the GPU's approximate instruction
+    "loss-exact-tanh": {"code": ["import prepare as _bench_loss; _bench_loss.SOFTCAP_FAST_TANH = False"]},
+    # the loss kernel with 16 warps a row (prepare's SOFTCAP_CE_WARPS is 4; 16 measured the same end to end)
     "loss-warps16": {"code": ["import prepare as _bench_loss; _bench_loss.SOFTCAP_CE_WARPS = 16"]},
+    # q, k and v from one matmul over the three weights concatenated (the parameters, and so Muon, unchanged)
+    "qkv-fused": {"replace": [(
+        "        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)\n"
+        "        k = self.c_k(x).view(B, T, self.n_head, self.head_dim)\n"
+        "        v = self.c_v(x).view(B, T, self.n_head, self.head_dim)\n",
+        "        qkv = F.linear(x, torch.cat((self.c_q.weight, self.c_k.weight, self.c_v.weight)))\n"
+        "        q, k, v = qkv.view(B, T, 3 * self.n_head, self.head_dim).split(self.n_head, dim=2)\n")]},
     # inductor tunes block sizes and warps of its generated (memory-bound) kernels at compile time
     "cdt": {"code": [COORDINATE_DESCENT]},
     # + the model's matmuls autotuned against inductor's Triton templates, which can take

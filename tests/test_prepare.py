@@ -249,7 +249,7 @@ def test_evaluate_bpb_of_a_uniform_model(monkeypatch, tiny_cache):
 
 def test_fused_loss_matches_softcapped_cross_entropy(monkeypatch, tiny_cache):
     prep = load_prepare(monkeypatch, tiny_cache)
-    if not prep.fused_loss_available():
+    if not prep.triton_kernels_available():
         pytest.skip("needs CUDA and Triton")
     cap, generator = 15.0, torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(512, 64, device="cuda", generator=generator).to(torch.bfloat16).requires_grad_()
@@ -265,6 +265,28 @@ def test_fused_loss_matches_softcapped_cross_entropy(monkeypatch, tiny_cache):
     assert loss.item() == pytest.approx(reference.item(), rel=1e-4)
     for grad, expected in zip(grads, reference_grads, strict=True):
         assert (grad.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+def test_rotary_rms_norm_matches_rotate_then_rms_norm(monkeypatch, tiny_cache):
+    prep = load_prepare(monkeypatch, tiny_cache)
+    if not prep.triton_kernels_available():
+        pytest.skip("needs CUDA and Triton")
+    B, T, H, D, generator = 2, 100, 3, 64, torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, T, H, D, device="cuda", generator=generator).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(B, T, H, D, device="cuda", generator=generator)
+    angles = torch.rand(T + 5, D // 2, device="cuda", generator=generator) * 6
+    cos, sin = angles.cos().to(torch.bfloat16)[None, :, None, :], angles.sin().to(torch.bfloat16)[None, :, None, :]
+    out = prep.rotary_rms_norm(x, cos, sin)
+    (grad,) = torch.autograd.grad(out, x, dy.to(torch.bfloat16))
+
+    x_ref = x.detach().float().requires_grad_()
+    c, s = cos[:, :T].float(), sin[:, :T].float()
+    a, b = x_ref[..., :D // 2], x_ref[..., D // 2:]
+    reference = nn.functional.rms_norm(torch.cat((a * c + b * s, b * c - a * s), dim=-1), (D,))
+    (reference_grad,) = torch.autograd.grad(reference, x_ref, dy.to(torch.bfloat16).float())
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert (out.float() - reference).abs().max() <= 1e-2 * reference.abs().max()
+    assert (grad.float() - reference_grad).abs().max() <= 1e-2 * reference_grad.abs().max()
 
 
 def test_fused_loss_refuses_a_cap_exp_could_overflow_with_the_fix(monkeypatch, tiny_cache):
