@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cuda_timing import time_ms  # noqa: E402
+from kernel_check import time_ms, worst_error_ratio  # noqa: E402
 
 from prepare import sliding_window_attention, window_attention_available  # noqa: E402
 
@@ -47,15 +47,8 @@ def check(window, B=2, T=2048, H=4, D=128):
                            q, k, v, grad.float())
     bf16 = forward_backward(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask), q, k, v, grad)
     ours = forward_backward(lambda a, b, c: sliding_window_attention(a, b, c, window), q, k, v, grad)
-    worst = 0.0
-    for name, r, s, o in zip(("out", "dq", "dk", "dv"), ref, bf16, ours, strict=True):
-        scale = r.abs().max().item()
-        err_sdpa = (s.float() - r).abs().max().item() / scale
-        err_ours = (o.float() - r).abs().max().item() / scale
-        worst = max(worst, err_ours / max(err_sdpa, 1e-6))
-        print(f"  window {window:4d} {name}: max error / max |ref|: cudnn window {err_ours:.2e}, "
-              f"SDPA bf16 with mask {err_sdpa:.2e}", flush=True)
-    return worst
+    return worst_error_ratio(("out", "dq", "dk", "dv"), ref, ours, bf16, ("cudnn window", "SDPA bf16 with mask"),
+                             prefix=f"window {window:4d} ")
 
 
 def main():

@@ -5,7 +5,8 @@ the plain bf16 path's own error; then times forward + backward of lm_head + soft
 cross-entropy at train.py's shape (h100 profile: 128 x 2048 rows, width 512, vocabulary 8192)
 for the plain path compiled as train.py compiles it and for the fused one, with the memory each
 adds on top of its inputs. Last, the loss kernel alone at several warp counts, with the exact and
-the approximate tanh, against one read and one write of the logits (an in-place scale of the same buffer: the memory-bound floor).
+the approximate tanh, against one read and one write of the logits (an in-place scale of the same
+buffer: the memory-bound floor).
 
     python bench/fused_loss.py          # needs CUDA (Triton comes with torch's CUDA builds)
 """
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cuda_timing import time_ms  # noqa: E402
+from kernel_check import time_ms, worst_error_ratio  # noqa: E402
 
 import prepare  # noqa: E402
 from prepare import lm_head_softcap_loss, triton_kernels_available  # noqa: E402
@@ -59,14 +60,7 @@ def check(weight_scale, N=8192, C=512, V=8192):
                          xr, wr, targets)
     plain = loss_and_grads(plain_loss, x, weight, targets)
     fused = loss_and_grads(fused_loss, x, weight, targets)
-    worst = 0.0
-    for name, r, p, f in zip(("loss", "d x", "d weight"), ref, plain, fused, strict=True):
-        scale = r.abs().max().item()
-        err_plain = (p.float() - r).abs().max().item() / scale
-        err_fused = (f.float() - r).abs().max().item() / scale
-        worst = max(worst, err_fused / max(err_plain, 1e-6))
-        print(f"  {name:9s} max error / max |ref|: fused {err_fused:.2e}, plain bf16 {err_plain:.2e}", flush=True)
-    return worst
+    return worst_error_ratio(("loss", "d x", "d weight"), ref, fused, plain, ("fused", "plain bf16"))
 
 
 def measure(loss_fn, x, weight, targets):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cuda_timing import time_ms  # noqa: E402
+from kernel_check import time_ms, worst_error_ratio  # noqa: E402
 
 import prepare  # noqa: E402
 from prepare import rotary_rms_norm, triton_kernels_available  # noqa: E402
@@ -56,14 +56,7 @@ def check(B=4, T=2048, H=4, D=128):
     ref = output_and_grad(compiled_rotary_norm, x.float(), cos.float(), sin.float(), dy.float())
     compiled = output_and_grad(torch.compile(compiled_rotary_norm, dynamic=False), x, cos, sin, dy)
     fused = output_and_grad(rotary_rms_norm, x, cos, sin, dy)
-    worst = 0.0
-    for name, r, c, f in zip(("out", "d x"), ref, compiled, fused, strict=True):
-        scale = r.abs().max().item()
-        err_compiled = (c.float() - r).abs().max().item() / scale
-        err_fused = (f.float() - r).abs().max().item() / scale
-        worst = max(worst, err_fused / max(err_compiled, 1e-6))
-        print(f"  {name:4s} max error / max |ref|: fused {err_fused:.2e}, compiled bf16 {err_compiled:.2e}", flush=True)
-    return worst
+    return worst_error_ratio(("out", "d x"), ref, fused, compiled, ("fused", "compiled bf16"))
 
 
 def q_and_k(fn, q, k, cos, sin, dq_out, dk_out):
