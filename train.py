@@ -5,8 +5,8 @@ A GPT of the autoresearch baseline family (rotary embeddings, QK norm, ReLU^2 ML
 embeddings, per-layer residual scalars, logit soft-cap), trained with Muon + AdamW for the
 profile's fixed wall-clock budget, then scored by prepare.evaluate_bpb.
 
-Usage: python train.py   (with AUTORESEARCH_PROFILE / AUTORESEARCH_CACHE in the environment and
-prepare.py importable: next to this file, or on PYTHONPATH)
+Usage: python train.py   (with AUTORESEARCH_PROFILE / AUTORESEARCH_CACHE / AUTORESEARCH_SEED in the
+environment and prepare.py and gpu_kernels.py importable: next to this file, or on PYTHONPATH)
 """
 
 import os
@@ -24,19 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prepare import (
-    MAX_SEQ_LEN,
-    PROFILE,
-    TIME_BUDGET,
-    Tokenizer,
-    evaluate_bpb,
+from gpu_kernels import (
     lm_head_softcap_loss,
-    make_dataloader,
     rotary_rms_norm,
     sliding_window_attention,
     triton_kernels_available,
     window_attention_available,
 )
+from prepare import MAX_SEQ_LEN, PROFILE, SEED, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
 
 USE_CUDA = torch.cuda.is_available()
 
@@ -50,7 +45,7 @@ ASPECT_RATIO = 64                     # model_dim = DEPTH * ASPECT_RATIO, rounde
 HEAD_DIM = 128 if USE_CUDA else 64    # attention head dimension
 WINDOW_PATTERN = "SSSL"               # per-layer attention span: S = half context, L = full; last layer always L
 # On the GPU an S layer runs on cuDNN's attention kernel with a sliding window (package
-# nvidia-cudnn-frontend, through prepare.sliding_window_attention), an L layer on SDPA's cuDNN
+# nvidia-cudnn-frontend, through gpu_kernels.sliding_window_attention), an L layer on SDPA's cuDNN
 # kernel; on the CPU the window is a mask. "L" everywhere needs no extra package.
 LOGIT_SOFTCAP = 15                    # logits = cap * tanh(logits / cap)
 
@@ -69,8 +64,8 @@ FINAL_LR_FRAC = 0.0                   # LR at the end, as a fraction of the init
 
 # Runtime
 COMPILE = USE_CUDA                    # torch.compile pays on the GPU; on the CPU its startup would eat the budget
-FUSED_LOSS = triton_kernels_available()      # training loss and its gradient in one Triton pass (prepare.py)
-FUSED_QK_NORM = triton_kernels_available()   # rotary + QK norm in one Triton pass each way (prepare.py)
+FUSED_LOSS = triton_kernels_available()      # training loss and its gradient in one Triton pass (gpu_kernels.py)
+FUSED_QK_NORM = triton_kernels_available()   # rotary + QK norm in one Triton pass each way (gpu_kernels.py)
 UNTIMED_STEPS = 10 if COMPILE else 1  # first steps (compilation) do not count towards the budget
 H100_BF16_PEAK_FLOPS = 989.5e12       # for MFU
 
@@ -406,7 +401,7 @@ def build_optimizer(model):
 # ---------------------------------------------------------------------------
 
 t_start = time.time()
-torch.manual_seed(42)
+torch.manual_seed(SEED)   # the run's seed, from prepare.py: weights are the only random draw of a run
 torch.set_float32_matmul_precision("high")
 device = torch.device("cuda" if USE_CUDA else "cpu")
 if USE_CUDA:
@@ -419,7 +414,7 @@ model_dim = -(-DEPTH * ASPECT_RATIO // HEAD_DIM) * HEAD_DIM
 config = GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=DEPTH,
                    n_head=model_dim // HEAD_DIM, n_embd=model_dim, window_pattern=WINDOW_PATTERN,
                    softcap=LOGIT_SOFTCAP)
-print(f"Profile: {PROFILE} | device: {device} | time budget: {TIME_BUDGET}s", flush=True)
+print(f"Profile: {PROFILE} | seed: {SEED} | device: {device} | time budget: {TIME_BUDGET}s", flush=True)
 print(f"Model config: {asdict(config)}", flush=True)
 
 with torch.device(device):

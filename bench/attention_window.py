@@ -1,4 +1,4 @@
-"""cuDNN sliding-window attention (prepare.sliding_window_attention) against SDPA, on one GPU.
+"""cuDNN sliding-window attention (gpu_kernels.sliding_window_attention) against SDPA, on one GPU.
 
 Checks the window kernel's output and gradients against an fp32 reference with an explicit band
 mask, then times forward + backward of one attention layer at train.py's shape (h100 profile:
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_check import time_ms, worst_error_ratio  # noqa: E402
 
-from prepare import sliding_window_attention, window_attention_available  # noqa: E402
+from gpu_kernels import sliding_window_attention, window_attention_available  # noqa: E402
 
 
 def projections(B, T, H, D, seed=0):

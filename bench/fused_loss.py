@@ -1,4 +1,4 @@
-"""The fused training loss (prepare.lm_head_softcap_loss) against train.py's plain loss, on one GPU.
+"""The fused training loss (gpu_kernels.lm_head_softcap_loss) against train.py's plain loss, on one GPU.
 
 Checks the loss and the gradients of x and the lm_head weight against an fp32 reference, next to
 the plain bf16 path's own error; then times forward + backward of lm_head + soft-cap +
@@ -20,11 +20,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_check import time_ms, worst_error_ratio  # noqa: E402
 
-import prepare  # noqa: E402
-from prepare import lm_head_softcap_loss, triton_kernels_available  # noqa: E402
+import gpu_kernels  # noqa: E402
+from gpu_kernels import lm_head_softcap_loss, triton_kernels_available  # noqa: E402
 
 CAP = 15.0
-FAST_TANH = prepare.SOFTCAP_FAST_TANH
+FAST_TANH = gpu_kernels.SOFTCAP_FAST_TANH
 
 
 def plain_loss(x, weight, targets):
@@ -76,7 +76,7 @@ def kernel_alone(logits, targets, warps, fast_tanh):
     """One launch of the loss kernel over `logits` (overwritten with gradients each time)."""
     losses = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
     inv_count = torch.ones((), device=logits.device)
-    return lambda: prepare._softcap_ce(logits, targets, losses, inv_count, CAP, num_warps=warps, fast_tanh=fast_tanh)
+    return lambda: gpu_kernels._softcap_ce(logits, targets, losses, inv_count, CAP, num_warps=warps, fast_tanh=fast_tanh)
 
 
 def main():
@@ -85,19 +85,19 @@ def main():
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}", flush=True)
     worst = 0.0
     for fast_tanh in (True, False):
-        prepare.SOFTCAP_FAST_TANH = fast_tanh
+        gpu_kernels.SOFTCAP_FAST_TANH = fast_tanh
         for weight_scale in (0.05, 0.5):
             print(f"correctness ({'approximate' if fast_tanh else 'exact'} tanh, 8192 rows, width 512, vocabulary "
                   f"8192, every 17th row unscored, weights x {weight_scale}):", flush=True)
             worst = max(worst, check(weight_scale))
-    prepare.SOFTCAP_FAST_TANH = FAST_TANH
+    gpu_kernels.SOFTCAP_FAST_TANH = FAST_TANH
     ok = worst < 2.0
     print(f"  worst error ratio to the plain path's own error: {worst:.2f} -> {'ok' if ok else 'FAILED'}", flush=True)
 
     N, C, V = 128 * 2048, 512, 8192
     x, weight, targets = inputs(N, C, V)
     rows = [("plain (compiled, as train.py without the kernel)", torch.compile(plain_loss, dynamic=False)),
-            ("fused (prepare.lm_head_softcap_loss)", fused_loss)]
+            ("fused (gpu_kernels.lm_head_softcap_loss)", fused_loss)]
     print(f"fwd + bwd of lm_head + soft-cap + cross-entropy, {N} rows, width {C}, vocabulary {V}:", flush=True)
     base = None
     for name, loss_fn in rows:
@@ -113,7 +113,7 @@ def main():
     for fast_tanh in (False, True):
         for warps in (4, 8, 16):
             ms = time_ms(kernel_alone(logits, targets, warps, fast_tanh))
-            chosen = " (prepare's choice)" if (warps, fast_tanh) == (prepare.SOFTCAP_CE_WARPS, FAST_TANH) else ""
+            chosen = " (gpu_kernels' choice)" if (warps, fast_tanh) == (gpu_kernels.SOFTCAP_CE_WARPS, FAST_TANH) else ""
             name = f"{warps} warps a row, {'approximate' if fast_tanh else 'exact'} tanh"
             print(f"  {name:30s} {ms:7.3f} ms  {gigabytes / ms:5.2f} TB/s{chosen}", flush=True)
     return 0 if ok else 1

@@ -1,4 +1,4 @@
-"""Rotary + QK norm as one Triton kernel each way (prepare.rotary_rms_norm) against train.py's
+"""Rotary + QK norm as one Triton kernel each way (gpu_kernels.rotary_rms_norm) against train.py's
 compiled rotate() + F.rms_norm, on one GPU.
 
 Checks the output and the gradient against an fp32 reference, next to the compiled bf16 path's own
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_check import time_ms, worst_error_ratio  # noqa: E402
 
-import prepare  # noqa: E402
-from prepare import rotary_rms_norm, triton_kernels_available  # noqa: E402
+import gpu_kernels  # noqa: E402
+from gpu_kernels import rotary_rms_norm, triton_kernels_available  # noqa: E402
 
 
 def compiled_rotary_norm(x, cos, sin):
@@ -82,23 +82,23 @@ def main():
     print(f"fwd + bwd of q and k, B={B} T={T} H={H} D={D}:", flush=True)
     base = None
     for name, fn in [("compiled (train.py with FUSED_QK_NORM = False)", torch.compile(compiled_rotary_norm, dynamic=False)),
-                     ("fused (prepare.rotary_rms_norm)", rotary_rms_norm)]:
+                     ("fused (gpu_kernels.rotary_rms_norm)", rotary_rms_norm)]:
         ms = time_ms(lambda fn=fn: q_and_k(fn, q, k, cos, sin, dq_out, dk_out))
         base = base or ms
         print(f"  {name:50s} {ms:7.3f} ms  {base / ms:.2f}x", flush=True)
 
     out, dx = torch.empty_like(q), torch.empty_like(q)
-    kernels = [("forward", prepare._rotary_rms_norm_fwd_kernel, [out], 2),
-               ("backward", prepare._rotary_rms_norm_bwd_kernel, [dq_out, dx], 3)]
+    kernels = [("forward", gpu_kernels._rotary_rms_norm_fwd_kernel, [out], 2),
+               ("backward", gpu_kernels._rotary_rms_norm_bwd_kernel, [dq_out, dx], 3)]
     for name, kernel, tensors, passes in kernels:
         gigabytes = passes * q.numel() * q.element_size() / 1e9
         print(f"the {name} kernel alone ({gigabytes:.2f} GB moved):", flush=True)
         for rows in (8, 16, 32, 64):
             for warps in (2, 4, 8):
-                ms = time_ms(partial(prepare._rotary_rms_norm_launch, kernel, q, cos, sin, *tensors, rows=rows,
+                ms = time_ms(partial(gpu_kernels._rotary_rms_norm_launch, kernel, q, cos, sin, *tensors, rows=rows,
                                      num_warps=warps))
-                chosen = " (prepare's choice)" if (rows, warps) == (prepare.ROTARY_NORM_ROWS,
-                                                                     prepare.ROTARY_NORM_WARPS) else ""
+                chosen = " (gpu_kernels' choice)" if (rows, warps) == (gpu_kernels.ROTARY_NORM_ROWS,
+                                                                         gpu_kernels.ROTARY_NORM_WARPS) else ""
                 print(f"  {rows:3d} rows, {warps} warps  {ms:7.3f} ms  {gigabytes / ms:5.2f} TB/s{chosen}", flush=True)
     return 0 if ok else 1
 

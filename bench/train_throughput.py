@@ -44,14 +44,14 @@ PRINT_TRAINING_PEAK = ("model.eval()\n", "print(f'training peak MB {torch.cuda.m
 COORDINATE_DESCENT = "import torch._inductor.config as _bench_ic; _bench_ic.coordinate_descent_tuning = True"
 VARIANTS = {
     "as-is": {},                                             # train.py as it is in the working tree
-    # the training loss as compiled PyTorch ops instead of prepare.lm_head_softcap_loss's Triton kernel
+    # the training loss as compiled PyTorch ops instead of gpu_kernels.lm_head_softcap_loss's Triton kernel
     "plain-loss": {"set": {"FUSED_LOSS": "False"}},
-    # rotary + QK norm as compiled PyTorch ops instead of prepare.rotary_rms_norm's Triton kernels
+    # rotary + QK norm as compiled PyTorch ops instead of gpu_kernels.rotary_rms_norm's Triton kernels
     "plain-qk-norm": {"set": {"FUSED_QK_NORM": "False"}},
     # the loss kernel with libdevice's exact tanh instead of the GPU's approximate instruction
-    "loss-exact-tanh": {"code": ["import prepare as _bench_loss; _bench_loss.SOFTCAP_FAST_TANH = False"]},
-    # the loss kernel with 16 warps a row (prepare's SOFTCAP_CE_WARPS is 4; 16 measured the same end to end)
-    "loss-warps16": {"code": ["import prepare as _bench_loss; _bench_loss.SOFTCAP_CE_WARPS = 16"]},
+    "loss-exact-tanh": {"code": ["import gpu_kernels as _bench_loss; _bench_loss.SOFTCAP_FAST_TANH = False"]},
+    # the loss kernel with 16 warps a row (gpu_kernels' SOFTCAP_CE_WARPS is 4; 16 measured the same end to end)
+    "loss-warps16": {"code": ["import gpu_kernels as _bench_loss; _bench_loss.SOFTCAP_CE_WARPS = 16"]},
     # q, k and v from one matmul over the three weights concatenated (the parameters, and so Muon, unchanged)
     "qkv-fused": {"replace": [(
         "        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)\n"

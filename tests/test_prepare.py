@@ -38,6 +38,45 @@ def test_unknown_profile_names_the_valid_ones(monkeypatch, tmp_path):
         load_prepare(monkeypatch, tmp_path, profile="huge")
 
 
+def test_the_profile_table_imports_without_torch(monkeypatch, tmp_path):
+    # The API and Celery's parent process check profile names; torch imported there would break CUDA in the
+    # forked pool children. Run from outside the checkout, without PYTHONPATH, as the installed API does.
+    code = ("import sys; from app.profiles import check_profile; from run_profiles import PROFILES; "
+            "check_profile('tiny'); print(','.join(PROFILES)); "
+            "print(','.join(m for m in sys.modules if m.split('.')[0] in ('torch', 'prepare')))")
+    env = {k: v for k, v in autoresearch_env(tmp_path).items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    names, imported = result.stdout.splitlines()
+    assert names.split(",") == list(load_prepare(monkeypatch, tmp_path).PROFILES) == ["h100", "h100-short", "tiny"]
+    assert imported == ""
+
+
+# ---------------------------------------------------------------------------
+# Seed
+# ---------------------------------------------------------------------------
+
+def test_seed_comes_from_the_environment_with_42_by_default(monkeypatch, tmp_path):
+    monkeypatch.delenv("AUTORESEARCH_SEED", raising=False)
+    assert load_prepare(monkeypatch, tmp_path).SEED == 42
+    monkeypatch.setenv("AUTORESEARCH_SEED", "")
+    assert load_prepare(monkeypatch, tmp_path).SEED == 42
+    monkeypatch.setenv("AUTORESEARCH_SEED", " 1234567 ")
+    assert load_prepare(monkeypatch, tmp_path).SEED == 1234567
+    monkeypatch.setenv("AUTORESEARCH_SEED", str(2 ** 63 - 1))
+    assert load_prepare(monkeypatch, tmp_path).SEED == 2 ** 63 - 1
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "+3", str(2 ** 63)])
+def test_a_bad_seed_says_what_to_set(monkeypatch, tmp_path, value):
+    monkeypatch.setenv("AUTORESEARCH_SEED", value)
+    with pytest.raises(ValueError) as error:
+        load_prepare(monkeypatch, tmp_path)
+    assert f"AUTORESEARCH_SEED={value!r} is not a whole number" in str(error.value)
+    assert "unset it for the default 42" in str(error.value)
+
+
 # ---------------------------------------------------------------------------
 # Building the cache
 # ---------------------------------------------------------------------------
@@ -241,56 +280,3 @@ def test_evaluate_bpb_of_a_uniform_model(monkeypatch, tiny_cache):
     loader.close()
     assert tokens > 0
     assert bpb == pytest.approx(math.log2(tok.get_vocab_size()) * tokens / nbytes, rel=1e-6)  # fp32 loss
-
-
-# ---------------------------------------------------------------------------
-# Fused training loss (CUDA only)
-# ---------------------------------------------------------------------------
-
-def test_fused_loss_matches_softcapped_cross_entropy(monkeypatch, tiny_cache):
-    prep = load_prepare(monkeypatch, tiny_cache)
-    if not prep.triton_kernels_available():
-        pytest.skip("needs CUDA and Triton")
-    cap, generator = 15.0, torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(512, 64, device="cuda", generator=generator).to(torch.bfloat16).requires_grad_()
-    weight = (torch.randn(1000, 64, device="cuda", generator=generator) * 0.1).requires_grad_()
-    targets = torch.randint(0, 1000, (512,), device="cuda", generator=generator)
-    targets[::7] = -1
-    loss = prep.lm_head_softcap_loss(x, weight.to(torch.bfloat16), targets, cap)
-    grads = torch.autograd.grad(2 * loss, (x, weight))
-
-    x_ref, weight_ref = x.detach().float().requires_grad_(), weight.detach().to(torch.bfloat16).float().requires_grad_()
-    reference = nn.functional.cross_entropy(cap * torch.tanh(x_ref @ weight_ref.t() / cap), targets, ignore_index=-1)
-    reference_grads = torch.autograd.grad(2 * reference, (x_ref, weight_ref))
-    assert loss.item() == pytest.approx(reference.item(), rel=1e-4)
-    for grad, expected in zip(grads, reference_grads, strict=True):
-        assert (grad.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
-
-
-def test_rotary_rms_norm_matches_rotate_then_rms_norm(monkeypatch, tiny_cache):
-    prep = load_prepare(monkeypatch, tiny_cache)
-    if not prep.triton_kernels_available():
-        pytest.skip("needs CUDA and Triton")
-    B, T, H, D, generator = 2, 100, 3, 64, torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(B, T, H, D, device="cuda", generator=generator).to(torch.bfloat16).requires_grad_()
-    dy = torch.randn(B, T, H, D, device="cuda", generator=generator)
-    angles = torch.rand(T + 5, D // 2, device="cuda", generator=generator) * 6
-    cos, sin = angles.cos().to(torch.bfloat16)[None, :, None, :], angles.sin().to(torch.bfloat16)[None, :, None, :]
-    out = prep.rotary_rms_norm(x, cos, sin)
-    (grad,) = torch.autograd.grad(out, x, dy.to(torch.bfloat16))
-
-    x_ref = x.detach().float().requires_grad_()
-    c, s = cos[:, :T].float(), sin[:, :T].float()
-    a, b = x_ref[..., :D // 2], x_ref[..., D // 2:]
-    reference = nn.functional.rms_norm(torch.cat((a * c + b * s, b * c - a * s), dim=-1), (D,))
-    (reference_grad,) = torch.autograd.grad(reference, x_ref, dy.to(torch.bfloat16).float())
-    assert out.dtype == torch.bfloat16 and out.shape == x.shape
-    assert (out.float() - reference).abs().max() <= 1e-2 * reference.abs().max()
-    assert (grad.float() - reference_grad).abs().max() <= 1e-2 * reference_grad.abs().max()
-
-
-def test_fused_loss_refuses_a_cap_exp_could_overflow_with_the_fix(monkeypatch, tiny_cache):
-    prep = load_prepare(monkeypatch, tiny_cache)
-    x, weight = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(16, 8, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="FUSED_LOSS = False"):
-        prep.lm_head_softcap_loss(x, weight, torch.zeros(4, dtype=torch.long), 100)

@@ -5,6 +5,8 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from conftest_data import TRAIN_PY, autoresearch_env, load_train_definitions
 
@@ -15,16 +17,20 @@ PROGRESS_LINE = re.compile(
     r"tok/s (\d+) \| mfu (\d+\.\d)% \| remaining (\d+)s$")
 
 
-def run_train(tmp_path, cache, source=None, timeout=180):
-    """Copy train.py (or the given source) into a fresh run dir, as the worker does, and run it."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
+def run_train(tmp_path, cache, source=None, timeout=180, seed=None):
+    """Copy train.py (or the given source) into a fresh run dir, as the worker does, and run it
+    with AUTORESEARCH_SEED set to `seed` (unset when None)."""
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=tmp_path))
     if source is None:
         shutil.copy(TRAIN_PY, run_dir / "train.py")
     else:
         (run_dir / "train.py").write_text(source)
-    return subprocess.run([sys.executable, "train.py"], cwd=run_dir, env=autoresearch_env(cache),
-                          capture_output=True, text=True, timeout=timeout)
+    env = autoresearch_env(cache)
+    env.pop("AUTORESEARCH_SEED", None)
+    if seed is not None:
+        env["AUTORESEARCH_SEED"] = str(seed)
+    return subprocess.run([sys.executable, "train.py"], cwd=run_dir, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def parse_summary(stdout):
@@ -66,6 +72,29 @@ def test_nan_loss_fails_fast(tmp_path, tiny_cache):
     assert result.returncode != 0
     assert "FAIL: loss is NaN at step 0" in result.stderr
     assert "val_bpb" not in result.stdout
+
+
+def test_the_seed_from_prepare_decides_the_run(tmp_path, tiny_cache):
+    # A fixed number of steps on a step-based schedule: the time budget would let two runs of one seed
+    # train for different numbers of steps, and so end at different scores for reasons other than the seed.
+    # One evaluation batch keeps the three runs short; the seed, not the metric, is under test here.
+    source = TRAIN_PY.read_text()
+    prepare_import = re.search(r"^from prepare import .*\n", source, flags=re.M).group()
+    for old, new in [("    progress = min(training_time / TIME_BUDGET, 1.0)\n", "    progress = step / 6\n"),
+                     ("    if step >= UNTIMED_STEPS and training_time >= TIME_BUDGET:\n", "    if step >= 6:\n"),
+                     (prepare_import, prepare_import + "import prepare; prepare.EVAL_TOKENS = 4 * MAX_SEQ_LEN\n")]:
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    runs = {seed: run_train(tmp_path, tiny_cache, source=source, seed=seed) for seed in (None, 42, 7)}
+    val_bpb = {}
+    for seed, result in runs.items():
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert f"| seed: {42 if seed is None else seed} |" in result.stdout
+        _, summary = parse_summary(result.stdout)
+        assert summary["num_steps"] == "6"
+        val_bpb[seed] = summary["val_bpb"]
+    assert val_bpb[None] == val_bpb[42]   # no AUTORESEARCH_SEED: the fixed 42 train.py had before
+    assert val_bpb[7] != val_bpb[42]
 
 
 # ---------------------------------------------------------------------------
