@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="prepare data, start the stack, run three experiments, report")
     demo.add_argument("--keep-running", action="store_true", help="leave the stack up after the demo")
     demo.set_defaults(run=cmd_demo)
+    from app.client import add_client_commands  # here: app.client imports this module
+
+    add_client_commands(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -47,6 +47,8 @@ class Settings:
     api_token: str | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 3111
+    # Where the client commands (`autoresearch submit`, `mcp`, ...) reach the API; else API_HOST:API_PORT.
+    api_url: str | None = None
     flower_port: int = 5555
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "autoresearch")
     state_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "state")
@@ -91,6 +93,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         api_token=env.get("API_TOKEN") or None,
         api_host=env.get("API_HOST") or "127.0.0.1",
         api_port=_number(env, "API_PORT", 3111, int),
+        api_url=(env.get("AUTORESEARCH_API_URL") or "").rstrip("/") or None,
         flower_port=_number(env, "FLOWER_PORT", 5555, int),
         cache_dir=Path(env.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch").expanduser(),
         state_dir=Path(env.get("AUTORESEARCH_STATE") or PROJECT_ROOT / "state").expanduser(),
