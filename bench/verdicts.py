@@ -26,6 +26,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.services.verdicts import CONFIRM, KEEP, POLICIES, SINGLE, decide, pooled_sigma  # noqa: E402
 
+# Every policy as configured, and the sequential test with one run more allowed (decide()'s max_runs).
+VARIANTS = tuple((policy, None) for policy in POLICIES) + (("sequential", 4),)
+
 # Run-to-run stdev of val_bpb: six replicates of the unchanged baseline on one H200 (issue 13).
 SIGMA = 0.00049
 # A run's GPU slot: the 300 s training budget, plus about 18 s of train.py start-up and final
@@ -71,7 +74,7 @@ def draw_effects(rng: np.random.Generator, count: int, mix: tuple[float, float, 
     return effects * SIGMA
 
 
-def simulate_night(policy: str, seed: int, mix: tuple[float, float, float] = MIX) -> Night:
+def simulate_night(policy: str, seed: int, mix: tuple[float, float, float] = MIX, max_runs: int | None = None) -> Night:
     slots = int(NIGHT_GPU_HOURS * 3600 // RUN_SECONDS)
     rng = np.random.default_rng(seed)
     effects = draw_effects(rng, slots, mix)
@@ -95,7 +98,7 @@ def simulate_night(policy: str, seed: int, mix: tuple[float, float, float] = MIX
                 replicated.append(runs)
             if len(runs) >= 2:
                 sigma, _ = pooled_sigma(replicated)
-            verdict = decide(runs, best_runs, sigma=sigma, policy=policy, baseline_runs=BASELINE_RUNS)
+            verdict = decide(runs, best_runs, sigma=sigma, policy=policy, max_runs=max_runs, baseline_runs=BASELINE_RUNS)
             if verdict.action != CONFIRM:
                 break
         if verdict.action == CONFIRM:
@@ -147,8 +150,12 @@ def main() -> None:
 
     started = time.perf_counter()
     seeds = range(args.first_seed, args.first_seed + args.nights)
-    results = {policy: [simulate_night(policy, seed, args.mix) for seed in seeds] for policy in POLICIES}
-    seed_nights = results[SINGLE]
+    results = {
+        f"`{policy}`" + ("" if max_runs is None else f", max_runs {max_runs}"):
+        [simulate_night(policy, seed, args.mix, max_runs) for seed in seeds]
+        for policy, max_runs in VARIANTS
+    }
+    seed_nights = results[f"`{SINGLE}`"]
     seed_optimism, seed_optimism_error = mean_and_error([n.optimism for n in seed_nights])
 
     neutral, harmful, gaining = args.mix
@@ -173,7 +180,7 @@ def main() -> None:
         def average(field: str, nights: list[Night] = nights) -> float:
             return statistics.fmean(getattr(n, field) for n in nights)
 
-        print(f"| `{policy}` | {rate:.6f} ± {rate_error:.6f} | {versus:+.6f} ± {versus_error:.6f} "
+        print(f"| {policy} | {rate:.6f} ± {rate_error:.6f} | {versus:+.6f} ± {versus_error:.6f} "
               f"| {average('candidates'):.0f} | {runs_a_change:.2f} | {average('keeps'):.1f} "
               f"| {average('false_keeps'):.1f} ({average('harmful_keeps'):.1f}) "
               f"| {average('missed'):.1f} ({average('real_gains'):.1f}) "

@@ -114,13 +114,21 @@ def test_the_baseline_is_replicated_before_it_is_kept(policy):
 
 
 @pytest.mark.parametrize("sigma", [None, 0.0])
-def test_without_a_noise_floor_the_confirming_policies_use_the_seeds_comparison(sigma):
+@pytest.mark.parametrize("policy", CONFIRMING)
+def test_without_a_noise_floor_the_confirming_policies_use_the_seeds_comparison(policy, sigma):
     best = [1.0]
-    assert decide([0.99999], best, sigma=sigma, policy=DEFAULT_POLICY).action == CONFIRM
-    assert decide([1.0], best, sigma=sigma, policy=DEFAULT_POLICY).action == DISCARD
-    assert decide([0.99999, 0.99999], best, sigma=sigma, policy=DEFAULT_POLICY).action == KEEP
-    verdict = decide([0.99999, 1.00002], best, sigma=sigma, policy=DEFAULT_POLICY)
-    assert (verdict.action, verdict.z, verdict.sigma) == (DISCARD, None, sigma)
+    assert decide([1.0], best, sigma=sigma, policy=policy).action == DISCARD
+    better = [0.99999]
+    while (verdict := decide(better, best, sigma=sigma, policy=policy)).action == CONFIRM:
+        better.append(0.99999)
+    assert verdict.action == KEEP
+    assert len(better) == RULES[policy].max_runs
+    turned_worse = decide([0.99999, 1.00002], best, sigma=sigma, policy=policy)
+    assert (turned_worse.action, turned_worse.z, turned_worse.sigma) == (DISCARD, None, sigma)
+
+
+def test_the_default_policy_is_one_of_the_policies():
+    assert DEFAULT_POLICY in POLICIES
 
 
 def test_bad_input_is_refused_with_a_clear_message():
