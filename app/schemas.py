@@ -347,6 +347,31 @@ class TagsPublic(Response):
     tags: list[TagPublic]
 
 
+class ProgressPoint(Response):
+    n: int
+    id: str
+    val_bpb: float | None
+    status: str
+    description: str
+    best: float | None = Field(description="the running best after this result")
+
+
+class ProgressPublic(Response):
+    tag: str
+    points: list[ProgressPoint]
+
+
+class TagThroughput(Response):
+    tag: str
+    verdicts: int
+    gpu_hours: float
+    experiments_per_gpu_hour: float | None
+
+
+class ThroughputPublic(Response):
+    tags: list[TagThroughput]
+
+
 class LogPublic(Response):
     experiment_id: str
     log: str

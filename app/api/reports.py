@@ -40,3 +40,15 @@ def tags(session, body):
 def plot(session, body: schemas.TagQuery):
     png = progress_png(body.tag, svc.progress_points(session, tag=body.tag))
     return Response(png, mimetype="image/png")
+
+
+@endpoint(bp, "/api/report/progress", "GET", summary="Every result of a tag in completion order, with the running best",
+          request_model=schemas.TagQuery, response_model=schemas.ProgressPublic)
+def progress(session, body: schemas.TagQuery):
+    return {"tag": body.tag, "points": svc.progress_points(session, tag=body.tag)}
+
+
+@endpoint(bp, "/api/report/throughput", "GET", summary="Per tag: verdicts, GPU-hours and experiments per GPU-hour",
+          response_model=schemas.ThroughputPublic)
+def throughput(session, body):
+    return svc.throughput(session)

@@ -1,16 +1,14 @@
-"""/health, /openapi.json and the dashboard."""
+"""/health and /openapi.json."""
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
-from markupsafe import escape
+from flask import Blueprint, jsonify
 from pydantic.json_schema import models_json_schema
 from sqlalchemy import text
 
 from app import schemas
 from app.api import ENDPOINTS, settings
 from app.db import transaction
-from app.services import pool, reports
 
 bp = Blueprint("system", __name__)
 
@@ -100,32 +98,3 @@ def openapi_document() -> dict:
 def _error_response(description: str) -> dict:
     return {"description": description,
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorPublic"}}}}
-
-
-@bp.get("/")
-def dashboard():
-    """A plain page: the pool and every tag with its best, counts and progress plot."""
-    with transaction(settings().database_url) as session:
-        tags = reports.tags(session)["tags"]
-        workers = pool.list_gpus(session, stale_after=settings().stale_after)["workers"]
-    rows = "".join(
-        f"<tr><td>{escape(t['name'])}</td><td>{escape(t['profile'])}</td><td>{t['best_val_bpb'] or '-'}</td>"
-        f"<td>{t['total_experiments']}</td><td>{t['kept_experiments']}</td><td>{t['crashed_experiments']}</td>"
-        f"<td><a href='/api/report/plot?tag={escape(t['name'])}'>plot</a></td></tr>"
-        for t in tags
-    )
-    gpus = "".join(
-        f"<tr><td>{escape(w['id'])}</td><td>{escape(w['gpu_name'])}</td><td>{escape(w['status'])}</td>"
-        f"<td>{escape(w['current_experiment_id'] or '-')}</td><td>{escape(w['last_heartbeat'] or '-')}</td></tr>"
-        for w in workers
-    )
-    page = (
-        "<!doctype html><meta charset='utf-8'><title>autoresearch</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;text-align:left}</style>"
-        "<h1>autoresearch</h1><h2>GPU pool</h2><table><tr><th>id</th><th>device</th><th>status</th>"
-        f"<th>experiment</th><th>last heartbeat</th></tr>{gpus}</table>"
-        "<h2>Tags</h2><table><tr><th>tag</th><th>profile</th><th>best val_bpb</th><th>experiments</th>"
-        f"<th>kept</th><th>crashed</th><th></th></tr>{rows}</table>"
-        "<p><a href='/openapi.json'>OpenAPI</a> · <a href='/health'>health</a></p>"
-    )
-    return Response(page, mimetype="text/html")

@@ -168,3 +168,69 @@ def progress_points(session: Session, *, tag: str) -> list[dict]:
         points.append({"n": number, "id": row.id, "val_bpb": row.val_bpb, "status": row.status,
                        "description": row.description, "best": best})
     return points
+
+
+def _held_seconds():
+    """Seconds a run held its GPU: from the claim (or a manual register) to its end."""
+    return func.extract("epoch", Run.finished_at - Run.claimed_at)
+
+
+def _ended_runs():
+    return Run.claimed_at.is_not(None), Run.finished_at.is_not(None)
+
+
+def throughput(session: Session) -> dict:
+    """Per tag: verdicts reached, GPU-hours spent (every run that held a GPU: confirmations,
+    baselines, crashes and cancelled ones too), and verdicts per GPU-hour."""
+    hours = dict(session.execute(
+        select(Experiment.tag, func.sum(_held_seconds()) / 3600)
+        .join(Run, Run.experiment_id == Experiment.id).where(*_ended_runs()).group_by(Experiment.tag)
+    ).all())
+    verdicts = dict(session.execute(
+        select(Experiment.tag, func.count())
+        .where(Experiment.status.in_((KEEP, DISCARD, *FAILED_STATUSES))).group_by(Experiment.tag)
+    ).all())
+    tags = []
+    for tag in sorted(set(hours) | set(verdicts)):
+        spent = float(hours.get(tag) or 0.0)
+        count = verdicts.get(tag, 0)
+        tags.append({"tag": tag, "verdicts": count, "gpu_hours": spent,
+                     "experiments_per_gpu_hour": count / spent if spent > 0 else None})
+    return {"tags": tags}
+
+
+def gpu_use(session: Session, *, tag: str) -> list[dict]:
+    """Per GPU of a tag: the runs it held to an end and the hours it held them."""
+    get_tag(session, tag)
+    rows = session.execute(
+        select(Run.gpu_id, func.count(), func.coalesce(func.sum(_held_seconds()), 0.0))
+        .join(Experiment, Run.experiment_id == Experiment.id)
+        .where(Experiment.tag == tag, *_ended_runs())
+        .group_by(Run.gpu_id)
+        .order_by(Run.gpu_id)
+    ).all()
+    return [{"gpu_id": gpu_id, "runs": count, "gpu_hours": float(seconds) / 3600} for gpu_id, count, seconds in rows]
+
+
+def kept_changes(session: Session, *, tag: str) -> list[dict]:
+    """Every keep in the order it was decided, each with its gain over the best it beat (the
+    verdict's delta) and the train.py diff against that best; the first keep beat nothing."""
+    get_tag(session, tag)
+    kept = list(session.scalars(
+        select(Experiment).where(Experiment.tag == tag, Experiment.status == KEEP)
+        .order_by(Experiment.finished_at, Experiment.id)
+    ))
+    changes = []
+    for index, experiment in enumerate(kept):
+        previous = kept[index - 1] if index else None
+        compared = diff(session, experiment_a=previous.id, experiment_b=experiment.id) if previous else None
+        changes.append({
+            "experiment": _side(experiment),
+            "hypothesis": experiment.hypothesis,
+            "previous_id": previous.id if previous else None,
+            "gain": experiment.delta if previous else None,
+            "sigma": experiment.sigma,
+            "z": experiment.z,
+            "diff": compared["diff"] if compared else None,
+        })
+    return changes
