@@ -1,8 +1,9 @@
 """Celery settings, all derived from app.config (the one place the environment is read).
 
-Queues: `train` (any GPU), `gpu.<index>` (one GPU; a worker lists its own first and empties it
-first) and `control` (beat's tasks, on a CPU worker; never on a GPU worker, where a sweep would
-wait behind a ten-minute run).
+Queues: `train` (any GPU), `confirm` (confirmation runs, drained before `train`), `gpu.<gpu id>`
+(one GPU of one machine; a worker lists its own first and empties it first) and `control`
+(beat's tasks, on a CPU worker; never on a GPU worker, where a sweep would wait behind a
+ten-minute run). Every time bound comes from app.config, derived from KILL_TIMEOUT.
 """
 
 from kombu import Queue
@@ -26,8 +27,8 @@ result_backend_transport_options = {"visibility_timeout": _settings.visibility_t
 result_expires = 7 * 24 * 3600
 
 task_default_queue = "train"
-task_queues = (Queue("train"), Queue("control"))
-task_create_missing_queues = True  # gpu.<index> queues appear with their workers
+task_queues = (Queue("train"), Queue("confirm"), Queue("control"))
+task_create_missing_queues = True  # gpu.<gpu id> queues appear with their workers
 task_routes = {
     "workers.train": {"queue": "train"},
     "app.control.*": {"queue": "control"},
@@ -38,7 +39,7 @@ worker_prefetch_multiplier = 1
 # A pool child dying is usually our own kill; redelivering then risks loops (notes/celery.md).
 task_reject_on_worker_lost = False
 # Backstop only: the task enforces the kill timeout itself and kills train.py's whole group.
-task_time_limit = int(_settings.kill_timeout + 300)
+task_time_limit = _settings.task_time_limit
 worker_max_tasks_per_child = 20
 worker_send_task_events = True
 task_send_sent_event = True
@@ -47,10 +48,10 @@ timezone = "UTC"
 enable_utc = True
 
 beat_schedule = {
-    "sweep-offline-gpus": {
+    "sweep-leases": {
         "task": "app.control.sweep",
-        "schedule": 15.0,
-        "options": {"queue": "control", "expires": 15},
+        "schedule": _settings.sweep_interval,
+        "options": {"queue": "control", "expires": _settings.sweep_interval},
     },
     "adapt-strategies": {
         "task": "app.control.adapt_active_tags",

@@ -6,14 +6,25 @@ import argparse
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-from app.config import PROJECT_ROOT, ConfigError, Settings, load_settings
+from app.broker import check_broker
+from app.config import PROJECT_ROOT, ConfigError, ServerUnreachable, Settings, load_settings
+from app.db import check_reachable
 from app.migrate import upgrade
-from app.stack import Stack, gpu_worker_command, gpu_worker_env, settings_env, wait_for_http, with_embedded_servers
+from app.stack import (
+    Stack,
+    StackError,
+    default_gpu_id,
+    gpu_worker_command,
+    gpu_worker_env,
+    refuse_busy_ports,
+    settings_env,
+    wait_for_http,
+    with_embedded_servers,
+)
 
 
 def detect_gpus() -> list[int]:
@@ -24,9 +35,15 @@ def detect_gpus() -> list[int]:
 
 def start_stack(settings: Settings, *, flower: bool, cpu_workers: int | None = None) -> tuple[Stack, Settings, list[str]]:
     """Everything on this machine: embedded servers where needed, migrations, API, control
-    worker, beat, one worker per GPU (or CPU workers with the tiny profile), Flower."""
+    worker, beat, one worker per GPU (or CPU workers with the tiny profile), Flower.
+
+    First the state folder is locked and what an earlier `up` of it left running is stopped;
+    StackError (one line) when another `up` holds it or a port is taken."""
     stack = Stack(settings, settings.state_dir / "logs")
     try:
+        for leftover in stack.claim_state_folder():
+            print(f"stopped {leftover}, left running by an earlier up of {settings.state_dir}", file=sys.stderr)
+        refuse_busy_ports(settings, flower=flower)
         settings = with_embedded_servers(settings, stack)
         upgrade(settings.database_url)
         gpus = [] if cpu_workers else detect_gpus()
@@ -58,8 +75,22 @@ def api_url(settings: Settings) -> str:
 
 def cmd_up(args) -> int:
     settings = load_settings()
-    stack, settings, workers = start_stack(settings, flower=not args.no_flower,
-                                           cpu_workers=args.cpu_workers or None)
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal was closed
+
+    def abort_start(signum, frame):
+        raise KeyboardInterrupt  # start_stack stops what it started, as on Ctrl-C
+
+    for signum in stop_signals:
+        signal.signal(signum, abort_start)
+    try:
+        stack, settings, workers = start_stack(settings, flower=not args.no_flower,
+                                               cpu_workers=args.cpu_workers or None)
+    except StackError as exc:
+        print(f"autoresearch up: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("autoresearch up: stopped while starting", file=sys.stderr)
+        return 130
     print(f"API        {api_url(settings)}  (OpenAPI at /openapi.json)")
     if not args.no_flower:
         print(f"Flower     http://127.0.0.1:{settings.flower_port}")
@@ -74,8 +105,8 @@ def cmd_up(args) -> int:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    for signum in stop_signals:
+        signal.signal(signum, request_stop)
     try:
         while not stopping:
             died = stack.exited()
@@ -92,9 +123,9 @@ def cmd_up(args) -> int:
 def cmd_worker(args) -> int:
     """One GPU worker for this machine, pointed at the shared DATABASE_URL and CELERY_BROKER_URL."""
     settings = load_settings()
-    gpu_id = args.gpu_id or f"gpu{args.gpu}@{socket.gethostname()}"
+    gpu_id = args.gpu_id or default_gpu_id(args.gpu)
     env = {**os.environ, **settings_env(settings), **gpu_worker_env(args.gpu, cpu=args.cpu, gpu_id=gpu_id)}
-    command = gpu_worker_command(args.gpu)
+    command = gpu_worker_command(args.gpu, gpu_id=gpu_id)
     os.chdir(PROJECT_ROOT)
     os.execvpe(command[0], command, env)
     return 0  # not reached
@@ -135,7 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     add_client_commands(commands)
     args = parser.parse_args(argv)
     try:
+        if args.command in ("up", "demo", "worker"):
+            # A server that is not there is one line before anything starts (a worker would retry
+            # for ever). `up` starts embedded servers for unset URLs, and migrating checks the database.
+            settings = load_settings()
+            if args.command == "worker":
+                check_reachable(settings.database_url)
+            if args.command == "worker" or settings.external_broker:
+                check_broker(settings.broker_url)
         return args.run(args)
+    except ServerUnreachable as exc:
+        print(f"autoresearch {args.command}: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -10,16 +10,72 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 EMBEDDED_POSTGRES_PORT = 54329
 EMBEDDED_REDIS_PORT = 63799
-DEFAULT_DATABASE_URL = f"postgresql+psycopg2://postgres@127.0.0.1:{EMBEDDED_POSTGRES_PORT}/autoresearch"
-DEFAULT_BROKER_URL = f"redis://127.0.0.1:{EMBEDDED_REDIS_PORT}/0"
+
+
+def embedded_database_url(port: int) -> str:
+    return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/autoresearch"
+
+
+def embedded_broker_url(port: int) -> str:
+    return f"redis://127.0.0.1:{port}/0"
+
+
+DEFAULT_DATABASE_URL = embedded_database_url(EMBEDDED_POSTGRES_PORT)
+DEFAULT_BROKER_URL = embedded_broker_url(EMBEDDED_REDIS_PORT)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# A finished run's result waits this long for Postgres to come back before the worker gives up:
+# minutes of GPU time must not be lost to a database restart.
+RECORD_RETRY_S = 900.0
 
 
 class ConfigError(ValueError):
     """An environment variable holds a value the service cannot use."""
+
+
+class ServerUnreachable(ConfigError):
+    """A configured server does not answer; the message names the setting and the fix."""
+
+
+# SQLAlchemy reads a bare postgresql:// as psycopg 3, which this project does not install, and
+# knows no postgres:// at all; hosts hand out both forms, and both mean psycopg2 here.
+POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
+BROKER_SCHEMES = ("redis", "rediss")
+DATABASE_URL_FORM = "postgresql://user:password@host:5432/dbname"
+
+
+def database_url_from(raw: str, setting: str = "DATABASE_URL") -> str:
+    """`raw` as the psycopg2 URL SQLAlchemy needs, or a ConfigError naming `setting`."""
+    scheme, separator, rest = raw.partition("://")
+    if not separator or scheme.lower() not in POSTGRES_SCHEMES:
+        got = f"scheme {scheme!r}" if separator else "no scheme"
+        raise ConfigError(f"{setting} must be a Postgres URL such as {DATABASE_URL_FORM} (got {got})")
+    url = f"postgresql+psycopg2://{rest}"
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(f"{setting} is not a valid URL ({exc}); use the form {DATABASE_URL_FORM}") from None
+    if not parsed.database:
+        raise ConfigError(f"{setting} names no database; end it with /dbname, as in {DATABASE_URL_FORM}")
+    return url
+
+
+def broker_url_from(raw: str, setting: str = "CELERY_BROKER_URL") -> str:
+    scheme, separator, _ = raw.partition("://")
+    if not separator or scheme.lower() not in BROKER_SCHEMES:
+        got = f"scheme {scheme!r}" if separator else "no scheme"
+        raise ConfigError(f"{setting} must be a Redis URL such as redis://host:6379/0 (got {got})")
+    try:
+        urlsplit(raw).port  # noqa: B018  (urlsplit checks the port only when it is read)
+    except ValueError as exc:
+        raise ConfigError(f"{setting} is not a valid URL ({exc}); use the form redis://host:6379/0") from None
+    return raw
 
 
 def _number(env: Mapping[str, str], name: str, default: float, kind=float):
@@ -50,6 +106,9 @@ class Settings:
     # Where the client commands (`autoresearch submit`, `mcp`, ...) reach the API; else API_HOST:API_PORT.
     api_url: str | None = None
     flower_port: int = 5555
+    # Ports of the embedded servers `up` starts when no URL is set; a second stack on the machine needs others.
+    embedded_postgres_port: int = EMBEDDED_POSTGRES_PORT
+    embedded_redis_port: int = EMBEDDED_REDIS_PORT
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "autoresearch")
     state_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "state")
     default_profile: str = "h100"
@@ -64,6 +123,9 @@ class Settings:
     worker_gpu_index: int | None = None
     worker_gpu_id: str | None = None
     report_interval: float = 300.0  # seconds between the scheduled reports of active tags
+    baseline_runs: int = 3  # runs of a tag's first experiment, which measure the noise floor
+    # app.services.verdicts: how runs become keep / discard / another run
+    verdict_policy: str = field(default_factory=lambda: _verdict_policy(None))
 
     @property
     def runs_dir(self) -> Path:
@@ -73,16 +135,57 @@ class Settings:
     def reports_dir(self) -> Path:
         return self.state_dir / "reports"
 
+    # Every bound on a run, derived here from KILL_TIMEOUT so that they agree: the worker kills
+    # train.py at kill_timeout, then retries recording the result for record_retry_s; Celery's
+    # hard limit is a backstop beyond both; Redis redelivers an unacked message only after that.
+    @property
+    def record_retry_s(self) -> float:
+        return RECORD_RETRY_S
+
+    @property
+    def task_time_limit(self) -> int:
+        return int(self.kill_timeout + self.record_retry_s + 60)
+
     @property
     def visibility_timeout(self) -> int:
-        # Redis redelivers an unacked message after this long; it must outlast the longest run.
-        return int(self.kill_timeout + 600)
+        return self.task_time_limit + 300
+
+    @property
+    def sweep_interval(self) -> float:
+        # Beat sweeps for expired leases often enough that a lost run waits at most half a lease more.
+        return max(1.0, min(15.0, self.stale_after / 2))
+
+    @property
+    def lease_s(self) -> float:
+        # A run's lease lasts as long as a GPU may stay silent; the worker renews it every beat.
+        return self.stale_after
+
+
+def _verdict_policy(name: str | None) -> str:
+    # The policies are the verdict module's (a pure leaf module, importable from here).
+    from app.services.verdicts import DEFAULT_POLICY, POLICIES
+
+    name = name or DEFAULT_POLICY
+    if name not in POLICIES:
+        raise ConfigError(f"VERDICT_POLICY={name!r} is not a policy; choose one of: {', '.join(POLICIES)}")
+    return name
+
+
+def _api_token(token: str | None) -> str | None:
+    # It travels in an HTTP header, which is ASCII, and Flower splits its credentials on commas.
+    if token is not None and not (token.isascii() and token.isprintable() and " " not in token and "," not in token):
+        raise ConfigError("API_TOKEN must be printable ASCII without spaces or commas; choose another token")
+    return token
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
-    database_url = env.get("DATABASE_URL") or DEFAULT_DATABASE_URL
-    broker_url = env.get("CELERY_BROKER_URL") or DEFAULT_BROKER_URL
+    postgres_port = _number(env, "EMBEDDED_POSTGRES_PORT", EMBEDDED_POSTGRES_PORT, int)
+    redis_port = _number(env, "EMBEDDED_REDIS_PORT", EMBEDDED_REDIS_PORT, int)
+    database_url = database_url_from(env["DATABASE_URL"]) if env.get("DATABASE_URL") \
+        else embedded_database_url(postgres_port)
+    broker_url = broker_url_from(env["CELERY_BROKER_URL"]) if env.get("CELERY_BROKER_URL") \
+        else embedded_broker_url(redis_port)
     repo_dir = env.get("REPO_DIR")
     return Settings(
         database_url=database_url,
@@ -90,11 +193,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         result_backend=env.get("CELERY_RESULT_BACKEND") or broker_url,
         external_database=bool(env.get("DATABASE_URL")),
         external_broker=bool(env.get("CELERY_BROKER_URL")),
-        api_token=env.get("API_TOKEN") or None,
+        api_token=_api_token(env.get("API_TOKEN") or None),
         api_host=env.get("API_HOST") or "127.0.0.1",
         api_port=_number(env, "API_PORT", 3111, int),
         api_url=(env.get("AUTORESEARCH_API_URL") or "").rstrip("/") or None,
         flower_port=_number(env, "FLOWER_PORT", 5555, int),
+        embedded_postgres_port=postgres_port,
+        embedded_redis_port=redis_port,
         cache_dir=Path(env.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch").expanduser(),
         state_dir=Path(env.get("AUTORESEARCH_STATE") or PROJECT_ROOT / "state").expanduser(),
         default_profile=env.get("AUTORESEARCH_PROFILE") or "h100",
@@ -108,4 +213,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         worker_gpu_index=_number(env, "AUTORESEARCH_GPU_INDEX", 0, int) if env.get("AUTORESEARCH_GPU_INDEX") else None,
         worker_gpu_id=env.get("AUTORESEARCH_GPU_ID") or None,
         report_interval=_number(env, "REPORT_INTERVAL", 300.0),
+        baseline_runs=_number(env, "BASELINE_RUNS", 3, int),
+        verdict_policy=_verdict_policy(env.get("VERDICT_POLICY")),
     )

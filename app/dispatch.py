@@ -1,5 +1,5 @@
-"""Sending training messages, and looking for them in the broker. The experiment row is
-committed before its message is sent, so a worker always finds the row it is told to run.
+"""Sending training messages, and looking for them in the broker. The run row is committed
+before its message is sent, so a worker always finds the row it is told to train.
 
 Producers are Celery apps of their own, one per broker URL, configured like the workers'
 (celeryconfig) but for the URL they are given: an API built with explicit settings (tests, a
@@ -14,7 +14,7 @@ from functools import lru_cache
 import redis
 from celery import Celery
 
-from app.services.runs import Dispatch
+from app.services.lifecycle import Dispatch
 
 TRAIN_TASK = "workers.train"
 
@@ -27,18 +27,18 @@ def producer(broker_url: str) -> Celery:
     return app
 
 
-def send(dispatch: Dispatch, broker_url: str) -> None:
-    producer(broker_url).send_task(
-        TRAIN_TASK, args=[dispatch.experiment_id], task_id=dispatch.task_id, queue=dispatch.queue
-    )
+def send_all(dispatches: list[Dispatch], broker_url: str) -> None:
+    for dispatch in dispatches:
+        producer(broker_url).send_task(TRAIN_TASK, args=[dispatch.run_id], task_id=dispatch.task_id,
+                                       queue=dispatch.queue)
 
 
 def task_ids_in_broker(broker_url: str) -> set[str]:
     """Ids of every training message Redis holds: waiting in a queue, or delivered to a worker
-    and not yet acknowledged. A queued experiment whose id is not here has lost its message."""
+    and not yet acknowledged. A queued run whose message id is not here has lost its message."""
     client = redis.Redis.from_url(broker_url)
     ids = set()
-    for pattern in ("train*", "gpu.*"):
+    for pattern in ("train*", "confirm*", "gpu.*"):
         for key in client.scan_iter(match=pattern, _type="list"):
             ids.update(json.loads(raw)["headers"]["id"] for raw in client.lrange(key, 0, -1))
     for raw in client.hvals("unacked"):

@@ -51,10 +51,12 @@ class ExperimentSubmit(ExperimentCreate):
     train_py: str | None = Field(default=None, max_length=1_000_000, description="the train.py source; else read from REPO_DIR at commit_sha")
     gpu_index: int | None = Field(default=None, ge=0, le=INT_MAX, description="pin to this GPU's queue")
     acknowledge_crashes: bool = Field(default=False, description="reset the tag's consecutive crashes after a crash limit tripped")
+    gpu_id: str | None = Field(default=None, max_length=128, description="pin to this GPU of the pool (its id, e.g. gpu0@host)")
 
 
-class ExperimentComplete(Request):
-    experiment_id: str = ExperimentId
+class RunMetrics(Request):
+    """A summary block's numbers, by the same rules whoever reports them (agent or worker)."""
+
     val_bpb: float = Field(ge=0, allow_inf_nan=False)
     peak_vram_mb: float | None = NonNegative
     training_seconds: float | None = NonNegative
@@ -65,6 +67,10 @@ class ExperimentComplete(Request):
     num_params_m: float | None = NonNegative
     depth: int | None = Field(default=None, ge=0, le=INT_MAX)
     profile: str | None = Field(default=None, max_length=32)
+
+
+class ExperimentComplete(RunMetrics):
+    experiment_id: str = ExperimentId
 
 
 class ExperimentCrash(Request):
@@ -148,6 +154,43 @@ class Progress(Response):
     remaining_s: float | None = None
 
 
+class RunPublic(Response):
+    id: str
+    experiment_id: str
+    replicate: int = Field(description="0: the first run; baseline replicates and confirmation runs count up")
+    attempt: int = Field(description="attempts of this replicate so far, counting runs lost with their worker")
+    purpose: Literal["first", "baseline", "confirm"]
+    seed: int
+    status: str
+    scored_by: Literal["worker", "agent"]
+    gpu_id: str | None
+    gpu_index: int | None
+    gpu_model: str | None
+    host: str | None
+    lease_holder: str | None
+    lease_expires_at: str | None
+    task_id: str | None
+    queue: str | None
+    queued_at: str | None
+    claimed_at: str | None
+    training_started_at: str | None
+    finished_at: str | None
+    profile: str | None
+    val_bpb: float | None
+    reported_val_bpb: float | None
+    training_seconds: float | None
+    total_seconds: float | None
+    peak_vram_mb: float | None
+    mfu_percent: float | None
+    total_tokens_m: float | None
+    num_steps: int | None
+    num_params_m: float | None
+    depth: int | None
+    error: str | None
+    progress: Progress | None
+    curve: list[Progress] | None = Field(description="every progress report of the run, in order")
+
+
 class ExperimentPublic(Response):
     id: str
     tag: str
@@ -170,9 +213,13 @@ class ExperimentPublic(Response):
     depth: int | None
     delta: float | None
     near_miss: bool
+    sigma: float | None = Field(description="run-to-run stdev of val_bpb the verdict used (the noise floor)")
+    z: float | None = Field(description="delta in units of its own standard error; > 2 is a clear gain")
+    scored_by: str | None = Field(description="worker (trained and scored by the pool) or agent (manual mode)")
     gpu_id: str | None
     gpu_index: int | None
     pinned_gpu: int | None
+    pinned_gpu_id: str | None
     task_id: str | None
     created_at: str | None
     started_at: str | None
@@ -180,6 +227,8 @@ class ExperimentPublic(Response):
     error: str | None
     progress: Progress | None
     cancel_requested: bool
+    run_count: int = Field(description="finished runs behind val_bpb (their mean)")
+    runs: list[RunPublic] | None = None
 
 
 class TagPublic(Response):
@@ -211,6 +260,7 @@ class Submitted(Response):
     status: str
     task_id: str
     queue: str
+    runs: list[str] = Field(description="ids of the runs queued: one, or BASELINE_RUNS for a tag's first experiment")
 
 
 class Decision(Response):
@@ -222,6 +272,10 @@ class Decision(Response):
     best_val_bpb: float | None
     near_miss: bool
     action: Literal["keep_commit", "git_reset"]
+    sigma: float | None = Field(default=None, description="the noise floor used: run-to-run stdev of val_bpb")
+    z: float | None = Field(default=None, description="delta / its standard error; None without a noise floor or best")
+    runs: int = Field(default=1, description="finished runs of this experiment behind val_bpb")
+    best_runs: int = Field(default=0, description="finished runs behind the best it was compared with")
 
 
 class CrashRecorded(Response):
@@ -327,6 +381,7 @@ class SummaryPublic(Response):
     total_training_minutes: float
     strategy: str
     gpu_pool: dict[str, int]
+    noise: dict[str, Any] = Field(description="{sigma, runs, by_gpu_model}: the tag's run-to-run noise floor")
 
 
 class TsvPublic(Response):
@@ -361,15 +416,17 @@ class ProgressPublic(Response):
     points: list[ProgressPoint]
 
 
-class TagThroughput(Response):
-    tag: str
-    verdicts: int
-    gpu_hours: float
+class TagOverview(TagPublic):
+    running: int = Field(description="experiments running or confirming")
+    queued: int
+    noise: dict[str, Any] = Field(description="{sigma, runs}: the tag's run-to-run noise floor of val_bpb")
+    verdicts: int = Field(description="experiments with a verdict: keep, discard, crash or timeout")
+    gpu_hours: float = Field(description="hours GPUs were held by the tag's runs, from claim to end")
     experiments_per_gpu_hour: float | None
 
 
-class ThroughputPublic(Response):
-    tags: list[TagThroughput]
+class OverviewPublic(Response):
+    tags: list[TagOverview]
 
 
 class LogPublic(Response):

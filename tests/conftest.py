@@ -109,6 +109,9 @@ def settings(database_url, redis_url, tmp_path):
         external_broker=True,
         state_dir=tmp_path / "state",
         default_profile="tiny",
+        # One run per experiment, as in the seed, for tests that are not about replicates; those
+        # set BASELINE_RUNS themselves.
+        baseline_runs=1,
         # Short, so that silence is simulated by backdating a heartbeat a little; the sweep also
         # waits this long after a Postgres start, which an embedded test server just had.
         stale_after=2.0,

@@ -144,6 +144,11 @@ def test_first_completion_is_kept_with_zero_delta(client):
         "best_val_bpb": 0.9979,
         "near_miss": False,
         "action": "keep_commit",
+        # The uncertainty fields: no noise floor yet (manual mode runs each experiment once).
+        "sigma": None,
+        "z": None,
+        "runs": 1,
+        "best_runs": 0,
     }
     best = client.post("/api/experiment/best", json={"tag": "mar11"}).get_json()
     assert best["best"]["experiment_id"] == eid

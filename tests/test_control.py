@@ -9,9 +9,10 @@ from conftest_data import registration
 from app import control
 from app.db import transaction
 from app.services import experiments as svc
+from app.services import lifecycle
 from app.stack import settings_env
 
-RULES = svc.Rules()
+POLICY = lifecycle.Policy()
 
 
 def use_settings(monkeypatch, settings) -> None:
@@ -26,10 +27,10 @@ def finished_experiments(database_url: str, tag: str, values: list[float | None]
             experiment = svc.register(session, tag=tag, commit_sha=f"{number:07x}", description=f"run {number}",
                                       hypothesis="h", category="optimizer")
             if value is None:
-                svc.record_failure(session, experiment_id=experiment.id, error="boom", rules=RULES)
+                lifecycle.crash_manual(session, experiment_id=experiment.id, error="boom", policy=POLICY)
             else:
-                svc.complete(session, experiment_id=experiment.id, metrics={"val_bpb": value, "peak_vram_mb": 2048.0},
-                             rules=RULES)
+                lifecycle.complete_manual(session, experiment_id=experiment.id,
+                                          metrics={"val_bpb": value, "peak_vram_mb": 2048.0}, policy=POLICY)
 
 
 def test_scheduled_report_writes_summary_tsv_and_plot(settings, db, monkeypatch):
@@ -77,7 +78,7 @@ def test_sweep_resends_the_message_of_a_queued_experiment_the_broker_lost(client
     from sqlalchemy import text
 
     from app.dispatch import task_ids_in_broker
-    from app.models import Experiment
+    from app.models import Run
 
     use_settings(monkeypatch, settings)
     broker = redis.Redis.from_url(settings.broker_url)
@@ -90,10 +91,10 @@ def test_sweep_resends_the_message_of_a_queued_experiment_the_broker_lost(client
     assert control.sweep()["resent"] == []
     broker.flushdb()  # Redis restarted without persistence: the message is gone
     with transaction(db) as session:
-        session.execute(text("UPDATE experiments SET created_at = now() - interval '2 minutes'"))
-    assert control.sweep()["resent"] == [submitted["experiment_id"]]
+        session.execute(text("UPDATE runs SET queued_at = now() - interval '2 minutes'"))
+    assert control.sweep()["resent"] == submitted["runs"]
     with transaction(db) as session:
-        new_task_id = session.get(Experiment, submitted["experiment_id"]).task_id
+        new_task_id = session.get(Run, submitted["runs"][0]).task_id
     assert new_task_id != submitted["task_id"] and task_ids_in_broker(settings.broker_url) == {new_task_id}
     assert control.sweep()["resent"] == []  # present again: nothing more to do
     broker.flushdb()

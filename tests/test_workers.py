@@ -79,6 +79,7 @@ def cluster(database_url, redis_url, tiny_cache, tmp_path_factory):
         load_settings({}), database_url=database_url, broker_url=redis_url, result_backend=redis_url,
         external_database=True, external_broker=True, state_dir=state, cache_dir=tiny_cache,
         default_profile="tiny", kill_timeout=RUN_TIMEOUT_S, heartbeat_interval=1.0, stale_after=4.0,
+        baseline_runs=1,
     )
     redis.Redis.from_url(redis_url).flushdb()
     run_id = uuid.uuid4().hex[:6]
@@ -281,17 +282,18 @@ def test_submit_to_an_offline_gpu_or_a_tripped_tag_is_refused(cluster):
 
 
 def test_duplicate_message_never_runs_a_finished_experiment_twice(cluster):
-    from app.dispatch import send
-    from app.services.runs import Dispatch
+    from app.dispatch import send_all
+    from app.services.lifecycle import Dispatch, gpu_queue
 
     client = cluster["client"]
     tag = new_tag(client)
     experiment_id = submit(client, tag, summary_script(), "once")
     record = wait_for(client, experiment_id)
     assert record["status"] == "keep"
-    # What a redelivery looks like to a worker: the same experiment again, on both queues.
-    send(Dispatch(experiment_id, str(uuid.uuid4()), "train"), cluster["settings"].broker_url)
-    send(Dispatch(experiment_id, str(uuid.uuid4()), "gpu.0"), cluster["settings"].broker_url)
+    # What a redelivery looks like to a worker: the same run again, on both queues.
+    run_id = record["runs"][0]["id"]
+    send_all([Dispatch(run_id, str(uuid.uuid4()), "train"),
+              Dispatch(run_id, str(uuid.uuid4()), gpu_queue(cluster["gpu_ids"][0]))], cluster["settings"].broker_url)
     time.sleep(3)
     again = client.get(f"/api/experiment/{experiment_id}").get_json()
     assert again["finished_at"] == record["finished_at"] and again["status"] == "keep"
@@ -324,10 +326,7 @@ def test_killed_pool_child_requeues_the_run(cluster):
     os.kill(pool_children[0], signal.SIGKILL)
     record = wait_for(client, experiment_id, timeout_s=60)
     assert record["status"] == "keep"
-    with transaction(cluster["settings"].database_url) as session:
-        from app.models import Experiment
-
-        assert session.get(Experiment, experiment_id).attempts == 2
+    assert [(r["attempt"], r["status"]) for r in record["runs"]] == [(1, "lost"), (2, "finished")]
     row = tag_row(cluster["settings"], tag)
     assert row.total_experiments == 1 and row.kept_experiments == 1
 
@@ -350,18 +349,15 @@ def test_sigkilled_worker_loses_nothing_and_records_once(cluster, monkeypatch):
     survivor_gpu = gpu_ids[1] if victim == "gpu0" else gpu_ids[0]
     stack.stop(victim, signal.SIGKILL)
 
-    # Silent for longer than STALE_AFTER: the sweep marks it offline and requeues the run.
+    # Silent for longer than STALE_AFTER: the lease runs out, the sweep queues the run again.
     time.sleep(cluster["settings"].stale_after + 1.5)
-    assert experiment_id in control.sweep()["requeued"]
+    assert len(control.sweep()["requeued"]) == 1
     assert pool_entry(client, running["gpu_id"])["status"] == "offline"
 
     record = wait_for(client, experiment_id)
     assert record["status"] == "keep"
     assert record["gpu_id"] == survivor_gpu
-    with transaction(cluster["settings"].database_url) as session:
-        from app.models import Experiment
-
-        assert session.get(Experiment, experiment_id).attempts == 2
+    assert [(r["attempt"], r["status"]) for r in record["runs"]] == [(1, "lost"), (2, "finished")]
     row = tag_row(cluster["settings"], tag)
     assert row.total_experiments == 1 and row.kept_experiments == 1
     # A second sweep finds nothing more to do.

@@ -1,4 +1,4 @@
-"""The training task: claim, run train.py in its own process group, record the outcome."""
+"""The training task: claim a run, train it in its own process group, record the outcome."""
 
 from __future__ import annotations
 
@@ -15,18 +15,18 @@ log = logging.getLogger(__name__)
 
 
 @celery.task(bind=True, name="workers.train", acks_late=True)
-def train_experiment(self, experiment_id: str) -> dict:
+def train_run(self, run_id: str) -> dict:
     started = time.time()
-    outcome = train(experiment_id, settings=load_settings(), redelivered=bool(
+    outcome = train(run_id, settings=load_settings(), redelivered=bool(
         (self.request.delivery_info or {}).get("redelivered")))
-    log.info("experiment %s: %s in %.1fs", experiment_id, outcome["status"], time.time() - started)
+    log.info("run %s: %s in %.1fs", run_id, outcome["status"], time.time() - started)
     return outcome
 
 
-@task_failure.connect(sender=train_experiment)
+@task_failure.connect(sender=train_run)
 def _recover_after_failure(sender=None, task_id=None, exception=None, args=None, **_):
     """Runs in the worker's parent process when the pool child died mid-run (WorkerLostError,
-    the time-limit backstop), and in the child when the task itself raised: either way the
-    experiment must not stay `running` with nobody training it."""
+    the time-limit backstop), and in the child when the task itself raised: either way the run
+    must not stay `running` with nobody training it."""
     if args:
         recover_failed_task(args[0], settings=load_settings(), reason=f"{type(exception).__name__}: {exception}")

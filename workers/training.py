@@ -1,7 +1,10 @@
-"""One experiment on this worker's GPU, from claim to recorded result.
+"""One run on this worker's GPU, from claim to recorded result.
 
 The database is touched in short transactions only (claim, progress, result); none is held
-across the run. Every outcome goes through the same domain services the API uses.
+across the run. Every state change goes through app.services.lifecycle, the same module the
+API and the sweep use. The run is trained only while this worker incarnation holds its lease:
+when progress finds the lease gone (the run was given to another attempt) or the worker's
+parent gone (it renews the lease), train.py is stopped and nothing is recorded.
 """
 
 from __future__ import annotations
@@ -14,32 +17,30 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.config import PROJECT_ROOT, Settings
 from app.db import transaction
+from app.dispatch import send_all
 from app.errors import Conflict
-from app.models import CANCELLED, CRASH, TIMEOUT
-from app.services import experiments as exp_svc
-from app.services import pool, runs
+from app.models import CANCELLED, CRASH, FINISHED, TIMEOUT
+from app.services import lifecycle
 from workers.gpu import list_gpus
 from workers.heartbeat import identity
-from workers.runner import RunResult, run_training
+from workers.runner import LOG_TAIL_CHARS, RunResult, run_training, tail_log
 
 log = logging.getLogger(__name__)
 
-PROGRESS_EVERY_S = 2.0  # live progress is written to Postgres at most this often
-CANCEL_CHECK_EVERY_S = 2.0
-# A finished run's result waits this long for Postgres to come back before the task gives up:
-# minutes of GPU time must not be lost to a database restart.
-RECORD_RETRY_S = 900.0
+PROGRESS_EVERY_S = 2.0  # live progress, the curve and the log tail are written at most this often
 DATABASE_DOWN = (OperationalError, InterfaceError)
+STORED_LOG_BYTES = 16_000  # the log tail kept in the run's row, for the API on any machine
 
 
 # Thread pools a train.py sizes from the host's core count unless told otherwise.
 CPU_THREAD_VARIABLES = ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS")
 
 
-def child_env(settings: Settings, profile: str, gpu_index: int) -> dict[str, str]:
+def child_env(settings: Settings, profile: str, gpu_index: int, seed: int) -> dict[str, str]:
     env = {
         "AUTORESEARCH_PROFILE": profile,
         "AUTORESEARCH_CACHE": str(settings.cache_dir),
+        "AUTORESEARCH_SEED": str(seed),
         # prepare.py stays in the project: the run directory holds only the experiment's train.py.
         "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
     }
@@ -75,55 +76,58 @@ class _Throttle:
         return False
 
 
-def train(experiment_id: str, *, settings: Settings, redelivered: bool = False) -> dict:
-    me = identity(settings)
-    if me is None:
+def train(run_id: str, *, settings: Settings, redelivered: bool = False) -> dict:
+    holder = identity(settings)
+    if holder is None:
         raise RuntimeError("this worker has no GPU identity; start it with `autoresearch worker --gpu N`")
-    gpu_id, gpu_index = me
+    policy = lifecycle.Policy.from_settings(settings)
     with transaction(settings.database_url) as session:
-        claim = runs.claim(session, experiment_id=experiment_id, gpu_id=gpu_id, gpu_index=gpu_index)
-        if claim is None:
-            log.info("experiment %s is not queued any more (redelivered=%s); skipping", experiment_id, redelivered)
-            return {"experiment_id": experiment_id, "status": "skipped"}
-        run_dir = settings.runs_dir / experiment_id / f"attempt-{claim.attempt}"
-        runs.set_log_path(session, experiment_id=experiment_id, log_path=str(run_dir / "train.log"))
-        pool.set_training(session, gpu_id=gpu_id, experiment_id=experiment_id)
+        claim = lifecycle.claim(session, run_id=run_id, holder=holder, lease_s=settings.lease_s)
+    if claim is None:
+        log.info("run %s is not queued any more (redelivered=%s); skipping", run_id, redelivered)
+        return {"run_id": run_id, "status": "skipped"}
+    run_dir = settings.runs_dir / claim.experiment_id / claim.run_id
+    parent = os.getppid()
+    standing = lifecycle.Standing(held=True, cancel_requested=False)
+    throttle = _Throttle(PROGRESS_EVERY_S)
 
-    cancel_flag = False
-    progress_throttle, cancel_throttle = _Throttle(PROGRESS_EVERY_S), _Throttle(CANCEL_CHECK_EVERY_S)
+    # Progress is best effort: a database blip must not kill the run, only delay the news.
+    def look(progress: dict | None) -> None:
+        nonlocal standing
+        if not throttle.due():
+            return
+        try:
+            with transaction(settings.database_url) as session:
+                standing = lifecycle.report_progress(session, run_id=claim.run_id, token=holder.token,
+                                                     progress=progress,
+                                                     log_tail=tail_log(run_dir / "train.log", STORED_LOG_BYTES))
+        except DATABASE_DOWN as exc:
+            log.warning("progress of %s not stored (database unreachable): %s", claim.run_id, exc.orig)
 
-    # Progress and the cancel check are best effort: a database blip must not kill the run.
     def on_progress(progress: dict) -> None:
-        nonlocal cancel_flag
-        if progress_throttle.due():
-            try:
-                with transaction(settings.database_url) as session:
-                    cancel_flag = runs.record_progress(
-                        session, experiment_id=experiment_id, attempt=claim.attempt, progress=progress)
-            except DATABASE_DOWN as exc:
-                log.warning("progress of %s not stored (database unreachable): %s", experiment_id, exc.orig)
+        look(progress)
 
-    def should_cancel() -> bool:
-        nonlocal cancel_flag
-        if not cancel_flag and cancel_throttle.due():
-            try:
-                with transaction(settings.database_url) as session:
-                    cancel_flag = runs.cancel_requested(session, experiment_id=experiment_id)
-            except DATABASE_DOWN as exc:
-                log.warning("cancel check of %s skipped (database unreachable): %s", experiment_id, exc.orig)
-        return cancel_flag
+    def should_stop() -> bool:
+        look(None)
+        return not standing.held or standing.cancel_requested or os.getppid() != parent
 
     try:
         result = run_training(
-            claim.train_py, run_dir, env=child_env(settings, claim.profile, gpu_index),
-            timeout_s=settings.kill_timeout, should_cancel=should_cancel, on_progress=on_progress,
+            claim.train_py, run_dir, env=child_env(settings, claim.profile, holder.gpu_index, claim.seed),
+            timeout_s=settings.kill_timeout, should_cancel=should_stop, on_progress=on_progress,
         )
-        return until_database_answers(lambda: record(settings, claim, result), what=f"result of {experiment_id}")
-    finally:
-        until_database_answers(lambda: mark_idle(settings, gpu_id), what=f"{gpu_id} idle")
+    except SystemExit:
+        # The worker is shutting down (SIGTERM): train.py's group is gone; hand the run back.
+        until_database_answers(lambda: hand_back(settings, holder, claim, policy), what=f"hand-back of {run_id}")
+        raise
+    if not standing.held or os.getppid() != parent:
+        log.warning("run %s stopped: this worker no longer holds it", claim.run_id)
+        return {"run_id": claim.run_id, "status": "superseded"}
+    return until_database_answers(lambda: record(settings, holder, claim, result, policy),
+                                  what=f"result of {claim.run_id}", give_up_after_s=settings.record_retry_s)
 
 
-def until_database_answers(action, *, what: str, give_up_after_s: float = RECORD_RETRY_S):
+def until_database_answers(action, *, what: str, give_up_after_s: float = 60.0):
     """Run `action`, retrying while Postgres is unreachable, with backoff up to 30 s."""
     deadline = time.monotonic() + give_up_after_s
     delay = 1.0
@@ -138,58 +142,60 @@ def until_database_answers(action, *, what: str, give_up_after_s: float = RECORD
             delay = min(delay * 2, 30.0)
 
 
-def mark_idle(settings: Settings, gpu_id: str) -> None:
+def hand_back(settings: Settings, holder: lifecycle.Holder, claim: lifecycle.Claim, policy: lifecycle.Policy) -> None:
     with transaction(settings.database_url) as session:
-        pool.set_training(session, gpu_id=gpu_id, experiment_id=None)
+        outcome = lifecycle.lose_run(session, run_id=claim.run_id, token=holder.token, policy=policy, charge=False,
+                                     reason=f"handed back: {holder.gpu_id} shut down")
+    send_all(outcome.dispatches, settings.broker_url)
+    log.info("handed back run %s (%s)", claim.run_id, outcome.status)
 
 
-def record(settings: Settings, claim: runs.Claim, result: RunResult) -> dict:
-    rules = exp_svc.Rules.from_settings(settings)
-    base = {"experiment_id": claim.experiment_id}
+def report_of(claim: lifecycle.Claim, result: RunResult) -> lifecycle.RunReport:
+    """How the run ended, in the lifecycle's terms."""
+    log_tail = tail_log(result.log_path, STORED_LOG_BYTES)
+    if result.status == "cancelled":
+        return lifecycle.RunReport(CANCELLED, error="cancelled while running; process group killed", log_tail=log_tail)
+    if result.status == "timeout":
+        return lifecycle.RunReport(TIMEOUT, error=result.error or "timed out", log_tail=log_tail)
+    summary = result.summary or {}
+    if result.status == "finished" and summary.get("profile") != claim.profile:
+        return lifecycle.RunReport(CRASH, log_tail=log_tail, error=(
+            f"train.py ran with profile {summary.get('profile')!r} but tag '{claim.tag}' uses {claim.profile!r}; "
+            "the profile is fixed per tag"))
+    if result.status == "finished":
+        # The summary block says total_tokens_M; the records say total_tokens_m.
+        return lifecycle.RunReport(FINISHED, metrics={key.lower(): value for key, value in summary.items()},
+                                   log_tail=log_tail)
+    return lifecycle.RunReport(CRASH, error=result.error or result.log_tail[-LOG_TAIL_CHARS:], log_tail=log_tail)
+
+
+def record(settings: Settings, holder: lifecycle.Holder, claim: lifecycle.Claim, result: RunResult,
+           policy: lifecycle.Policy) -> dict:
     try:
         with transaction(settings.database_url) as session:
-            if result.status == "cancelled":
-                exp_svc.mark_cancelled(session, experiment_id=claim.experiment_id, attempt=claim.attempt,
-                                       reason="cancelled while running; process group killed")
-                return {**base, "status": CANCELLED}
-            if result.status == "timeout":
-                return exp_svc.record_failure(session, experiment_id=claim.experiment_id, attempt=claim.attempt,
-                                              rules=rules, status=TIMEOUT, error=result.error or "timed out")
-            error = result.error
-            summary = result.summary
-            if result.status == "finished" and summary.get("profile") != claim.profile:
-                error = (f"train.py ran with profile {summary.get('profile')!r} but tag '{claim.tag}' uses "
-                         f"{claim.profile!r}; the profile is fixed per tag")
-            if result.status == "finished" and error is None:
-                # The summary block says total_tokens_M; the records say total_tokens_m.
-                metrics = {key.lower(): value for key, value in summary.items()}
-                return exp_svc.complete(session, experiment_id=claim.experiment_id, attempt=claim.attempt,
-                                        rules=rules, metrics=metrics)
-            return exp_svc.record_failure(session, experiment_id=claim.experiment_id, attempt=claim.attempt,
-                                          rules=rules, status=CRASH, error=error or result.log_tail)
+            outcome = lifecycle.finish_run(session, run_id=claim.run_id, token=holder.token, policy=policy,
+                                           report=report_of(claim, result))
     except Conflict as exc:
         # Superseded (requeued after this worker looked dead) or finished elsewhere: the record
         # that stands is the other one; this run's result is dropped, never written twice.
-        log.warning("result of %s not recorded: %s", claim.experiment_id, exc.message)
-        return {**base, "status": "superseded"}
+        log.warning("result of %s not recorded: %s", claim.run_id, exc.message)
+        return {"run_id": claim.run_id, "status": "superseded"}
+    send_all(outcome.dispatches, settings.broker_url)
+    return {"run_id": claim.run_id, "experiment_id": claim.experiment_id, "status": outcome.status,
+            **(outcome.verdict or {})}
 
 
-def recover_failed_task(experiment_id: str, *, settings: Settings, reason: str) -> None:
-    """The training task failed outside train.py (its process died, the database blinked while
-    recording): requeue the run if this worker still holds it."""
-    from app.dispatch import send
-    from app.models import RUNNING, Experiment
-
-    me = identity(settings)
-    if me is None:
+def recover_failed_task(run_id: str, *, settings: Settings, reason: str) -> None:
+    """The training task failed outside train.py (its pool process died, the database stayed
+    away while recording): the run is lost now, rather than when its lease runs out, if this
+    incarnation still holds it."""
+    holder = identity(settings)
+    if holder is None:
         return
     with transaction(settings.database_url) as session:
-        experiment = session.get(Experiment, experiment_id)
-        if experiment is None or experiment.status != RUNNING or experiment.gpu_id != me[0]:
-            return
-        dispatch = runs.requeue_or_fail(session, experiment_id=experiment_id, attempt=experiment.attempts,
-                                        rules=exp_svc.Rules.from_settings(settings), reason=f"task failed on {me[0]}: {reason}")
-        pool.set_training(session, gpu_id=me[0], experiment_id=None)
-    if dispatch is not None:
-        send(dispatch, settings.broker_url)
-        log.warning("requeued %s after its task failed: %s", experiment_id, reason)
+        outcome = lifecycle.lose_run(session, run_id=run_id, token=holder.token,
+                                     policy=lifecycle.Policy.from_settings(settings),
+                                     reason=f"task failed on {holder.gpu_id}: {reason}")
+    send_all(outcome.dispatches, settings.broker_url)
+    if outcome.dispatches:
+        log.warning("requeued run %s after its task failed: %s", run_id, reason)

@@ -3,29 +3,27 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from flask import Blueprint
 
 from app import schemas
 from app.api import endpoint, settings
 from app.db import transaction
-from app.dispatch import send
+from app.dispatch import send_all
 from app.errors import InvalidInput, Unavailable
 from app.gitsource import train_py_at
 from app.models import FINISHED_STATUSES
 from app.profiles import check_profile
 from app.services import experiments as svc
-from app.services import runs
+from app.services import lifecycle, runs
 from app.services.strategy import CATEGORIES
-from workers.runner import tail_log
 
 bp = Blueprint("experiment", __name__)
 WAIT_POLL_S = 0.5
 
 
-def rules() -> svc.Rules:
-    return svc.Rules.from_settings(settings())
+def policy() -> lifecycle.Policy:
+    return lifecycle.Policy.from_settings(settings())
 
 
 def check_category(category: str) -> None:
@@ -53,13 +51,13 @@ def register(session, body: schemas.ExperimentCreate):
           request_model=schemas.ExperimentComplete, response_model=schemas.Decision)
 def complete(session, body: schemas.ExperimentComplete):
     metrics = body.model_dump(exclude={"experiment_id"})
-    return svc.complete(session, experiment_id=body.experiment_id, metrics=metrics, rules=rules())
+    return lifecycle.complete_manual(session, experiment_id=body.experiment_id, metrics=metrics, policy=policy())
 
 
 @endpoint(bp, "/api/experiment/crash", "POST", summary="Record a crashed experiment",
           request_model=schemas.ExperimentCrash, response_model=schemas.CrashRecorded)
 def crash(session, body: schemas.ExperimentCrash):
-    return svc.record_failure(session, experiment_id=body.experiment_id, error=body.error, rules=rules())
+    return lifecycle.crash_manual(session, experiment_id=body.experiment_id, error=body.error, policy=policy())
 
 
 @endpoint(bp, "/api/experiment/history", "POST", summary="Experiments of a tag, oldest first",
@@ -106,21 +104,24 @@ def submit(body: schemas.ExperimentSubmit):
     check_category(body.category)
     s = settings()
     train_py = body.train_py if body.train_py is not None else train_py_at(s.repo_dir, body.commit_sha)
-    fields = body.model_dump(exclude={"train_py", "gpu_index", "acknowledge_crashes"})
+    fields = body.model_dump(exclude={"train_py", "gpu_index", "gpu_id", "acknowledge_crashes"})
     with transaction(s.database_url) as session:
-        experiment, dispatch = runs.submit(
-            session, rules=rules(), acknowledge_crashes=body.acknowledge_crashes, gpu_index=body.gpu_index,
-            train_py=train_py, **fields,
+        experiment, dispatches = runs.submit(
+            session, policy=policy(), acknowledge_crashes=body.acknowledge_crashes, gpu_index=body.gpu_index,
+            gpu_id=body.gpu_id, train_py=train_py, **fields,
         )
     try:
-        send(dispatch, s.broker_url)
+        send_all(dispatches, s.broker_url)
     except Exception as exc:
         # Without a message the row would wait forever: say so, and leave no queued orphan.
         with transaction(s.database_url) as session:
-            svc.mark_cancelled(session, experiment_id=experiment.id, reason=f"broker unavailable: {exc}")
+            lifecycle.request_cancel(session, experiment_id=experiment.id, policy=policy(),
+                                     reason=f"broker unavailable: {exc}")
         raise Unavailable(f"the broker is unreachable ({type(exc).__name__}); experiment not queued",
                           experiment_id=experiment.id) from None
-    return {"experiment_id": experiment.id, "status": "queued", "task_id": dispatch.task_id, "queue": dispatch.queue}
+    first = dispatches[0]
+    return {"experiment_id": experiment.id, "status": "queued", "task_id": first.task_id, "queue": first.queue,
+            "runs": [d.run_id for d in dispatches]}
 
 
 @endpoint(bp, "/api/experiment/<experiment_id>", "GET", summary="One experiment, with live progress while running",
@@ -132,25 +133,27 @@ def get_one(session, body, experiment_id: str):
 @endpoint(bp, "/api/experiment/wait", "POST", summary="Long-poll until the experiment finishes or the timeout",
           request_model=schemas.ExperimentWait, response_model=schemas.ExperimentPublic, transactional=False)
 def wait(body: schemas.ExperimentWait):
+    # Under the API's gevent workers the sleep yields this greenlet: a waiting agent holds no thread.
     deadline = time.monotonic() + body.timeout_s
     while True:
-        # A fresh short transaction per look: nothing is held open while waiting.
+        # A fresh short transaction per look: nothing is held open while waiting. The full record
+        # (runs, progress) is built only for the answer, so many waiting agents cost little.
         with transaction(settings().database_url) as session:
-            record = svc.experiment_public(svc.get_experiment(session, body.experiment_id))
-        if record["status"] in FINISHED_STATUSES or time.monotonic() >= deadline:
-            return record
+            experiment = svc.get_experiment(session, body.experiment_id)
+            if experiment.status in FINISHED_STATUSES or time.monotonic() >= deadline:
+                return svc.experiment_public(experiment)
         time.sleep(min(WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
 
 
 @endpoint(bp, "/api/experiment/cancel", "POST", summary="Cancel a queued or running experiment",
           request_model=schemas.ExperimentRef, response_model=schemas.ExperimentPublic)
 def cancel(session, body: schemas.ExperimentRef):
-    return svc.experiment_public(runs.request_cancel(session, experiment_id=body.experiment_id))
+    lifecycle.request_cancel(session, experiment_id=body.experiment_id, policy=policy())
+    return svc.experiment_public(svc.get_experiment(session, body.experiment_id, fresh=True))
 
 
 @endpoint(bp, "/api/experiment/<experiment_id>/log", "GET", summary="The tail of the training log",
           request_model=schemas.LogQuery, response_model=schemas.LogPublic)
 def log_tail(session, body: schemas.LogQuery, experiment_id: str):
-    experiment = svc.get_experiment(session, experiment_id)
-    text = tail_log(Path(experiment.log_path), body.max_bytes) if experiment.log_path else ""
-    return {"experiment_id": experiment_id, "log": text, "log_path": experiment.log_path}
+    run = svc.current_run(svc.get_experiment(session, experiment_id))
+    return {"experiment_id": experiment_id, **runs.log_of(run, max_bytes=body.max_bytes)}

@@ -5,24 +5,13 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, InvalidInput, NotFound
-from app.models import (
-    CANCELLED,
-    CRASH,
-    DISCARD,
-    KEEP,
-    QUEUED,
-    RUNNING,
-    Experiment,
-    Strategy,
-    Tag,
-)
+from app.models import RUNNING, Experiment, Run, Strategy, Tag
 
 # A tag becomes the git branch `autoresearch/<tag>`: keep it to characters that are safe there.
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -39,25 +28,13 @@ METRIC_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
-class Rules:
-    """The decision constants, from configuration."""
-
-    near_miss_threshold: float = 0.002
-    max_consecutive_crashes: int = 3
-
-    @classmethod
-    def from_settings(cls, settings) -> Rules:
-        return cls(settings.near_miss_threshold, settings.max_consecutive_crashes)
-
-
 def new_experiment_id() -> str:
     # Sortable by creation time, unique across processes: milliseconds plus random bits.
     return f"exp-{int(time.time() * 1000):x}-{os.urandom(3).hex()}"
 
 
 def check_tag_name(name: str) -> None:
-    if not TAG_PATTERN.match(name) or ".." in name or name.endswith((".", ".lock")):
+    if not TAG_PATTERN.fullmatch(name) or ".." in name or name.endswith((".", ".lock")):
         raise InvalidInput(
             "tag must be 1-64 letters, digits, '.', '_' or '-', start with a letter or digit, "
             "and be usable as a git branch component",
@@ -95,17 +72,18 @@ def get_tag(session: Session, name: str, *, lock: bool = False) -> Tag:
     return tag
 
 
-def get_experiment(session: Session, experiment_id: str, *, lock: bool = False) -> Experiment:
+def get_experiment(session: Session, experiment_id: str, *, fresh: bool = False) -> Experiment:
+    """One experiment with its runs; `fresh` re-reads what the session may hold from before."""
     query = select(Experiment).where(Experiment.id == experiment_id)
-    if lock:
-        query = query.with_for_update()
+    if fresh:
+        query = query.execution_options(populate_existing=True)
     experiment = session.scalars(query).one_or_none()
     if experiment is None:
         raise NotFound(f"Experiment {experiment_id} not found", fields={"experiment_id": experiment_id})
     return experiment
 
 
-def register(
+def new_experiment(
     session: Session,
     *,
     tag: str,
@@ -113,11 +91,12 @@ def register(
     description: str,
     hypothesis: str,
     category: str,
+    status: str,
+    dispatched: bool,
     diff_summary: str = "",
     parent_id: str | None = None,
     train_py: str | None = None,
-    status: str = RUNNING,
-    gpu_id: str | None = None,
+    pinned_gpu_id: str | None = None,
     pinned_gpu: int | None = None,
 ) -> Experiment:
     get_tag(session, tag)
@@ -126,18 +105,9 @@ def register(
         if parent is None or parent.tag != tag:
             raise NotFound(f"Parent experiment {parent_id} not found in tag '{tag}'", fields={"parent_id": parent_id})
     experiment = Experiment(
-        id=new_experiment_id(),
-        tag=tag,
-        parent_id=parent_id,
-        commit_sha=commit_sha,
-        train_py=train_py,
-        description=description,
-        hypothesis=hypothesis,
-        category=category,
-        diff_summary=diff_summary,
-        status=status,
-        gpu_id=gpu_id,
-        pinned_gpu=pinned_gpu,
+        id=new_experiment_id(), tag=tag, parent_id=parent_id, commit_sha=commit_sha, train_py=train_py,
+        description=description, hypothesis=hypothesis, category=category, diff_summary=diff_summary,
+        status=status, dispatched=dispatched, pinned_gpu_id=pinned_gpu_id, pinned_gpu=pinned_gpu,
     )
     if status == RUNNING:
         experiment.started_at = func.now()
@@ -147,100 +117,12 @@ def register(
     return experiment
 
 
-def check_open(experiment: Experiment, attempt: int | None = None) -> None:
-    """Only a live experiment takes a result; a worker passes its attempt, so a run that was
-    requeued after its worker went silent cannot be recorded by that worker any more."""
-    if experiment.status not in (QUEUED, RUNNING):
-        raise Conflict(
-            f"Experiment {experiment.id} already finished with status '{experiment.status}'",
-            fields={"experiment_id": experiment.id},
-        )
-    if attempt is not None and (experiment.status != RUNNING or experiment.attempts != attempt):
-        raise Conflict(f"Experiment {experiment.id} attempt {attempt} was superseded",
-                       fields={"experiment_id": experiment.id})
+def register(session: Session, *, gpu_id: str | None = None, **fields) -> Experiment:
+    """The seed's manual mode: an experiment the agent trains itself, running from now on."""
+    from app.services.lifecycle import start_manual_run
 
-
-def complete(
-    session: Session, *, experiment_id: str, metrics: dict, rules: Rules, attempt: int | None = None
-) -> dict:
-    """Record a finished run and decide keep or discard against the tag's best right now.
-
-    The tag row is locked first (always tag, then experiment, so two completions never
-    deadlock), so concurrent completions of one tag are decided one after another.
-    """
-    tag = get_tag(session, get_experiment(session, experiment_id).tag, lock=True)
-    experiment = get_experiment(session, experiment_id, lock=True)
-    check_open(experiment, attempt)
-    val_bpb = metrics["val_bpb"]
-    best = tag.best_val_bpb
-    improved = best is None or val_bpb < best
-    delta = 0.0 if best is None else best - val_bpb
-
-    for name in METRIC_FIELDS:
-        if metrics.get(name) is not None:
-            setattr(experiment, name, metrics[name])
-    if metrics.get("profile"):
-        experiment.profile = metrics["profile"]
-    experiment.status = KEEP if improved else DISCARD
-    experiment.delta = delta
-    experiment.near_miss = (not improved) and best is not None and delta > -rules.near_miss_threshold
-    # clock_timestamp, not now(): now() is when the transaction began, before it waited for the
-    # tag lock; the time of the decision orders results the way they were decided.
-    experiment.finished_at = func.clock_timestamp()
-    experiment.progress = None
-
-    tag.total_experiments += 1
-    tag.consecutive_crashes = 0
-    if improved:
-        tag.kept_experiments += 1
-        tag.best_val_bpb = val_bpb
-        tag.best_experiment_id = experiment.id
-    else:
-        tag.discarded_experiments += 1
-    session.flush()
-    return {
-        "experiment_id": experiment.id,
-        "status": experiment.status,
-        "val_bpb": val_bpb,
-        "improved": improved,
-        "delta": delta,
-        "best_val_bpb": tag.best_val_bpb,
-        "near_miss": experiment.near_miss,
-        "action": "keep_commit" if improved else "git_reset",
-    }
-
-
-def record_failure(
-    session: Session, *, experiment_id: str, error: str, rules: Rules, status: str = CRASH, attempt: int | None = None
-) -> dict:
-    """A crash or timeout: counts towards the tag's consecutive crashes."""
-    tag = get_tag(session, get_experiment(session, experiment_id).tag, lock=True)
-    experiment = get_experiment(session, experiment_id, lock=True)
-    check_open(experiment, attempt)
-    experiment.status = status
-    experiment.error = error
-    experiment.finished_at = func.clock_timestamp()  # the decision's time, as in complete
-    tag.total_experiments += 1
-    tag.crashed_experiments += 1
-    tag.consecutive_crashes += 1
-    session.flush()
-    return {
-        "experiment_id": experiment.id,
-        "status": status,
-        "consecutive_crashes": tag.consecutive_crashes,
-        "should_abort": tag.consecutive_crashes >= rules.max_consecutive_crashes,
-        "action": "git_reset",
-    }
-
-
-def mark_cancelled(session: Session, *, experiment_id: str, reason: str, attempt: int | None = None) -> Experiment:
-    """Cancelled runs are no verdict on the idea: they change no counter."""
-    experiment = get_experiment(session, experiment_id, lock=True)
-    check_open(experiment, attempt)
-    experiment.status = CANCELLED
-    experiment.error = reason
-    experiment.finished_at = func.now()
-    session.flush()
+    experiment = new_experiment(session, status=RUNNING, dispatched=False, **fields)
+    start_manual_run(session, experiment, gpu_id=gpu_id)
     return experiment
 
 
@@ -272,10 +154,6 @@ def near_misses(session: Session, *, tag: str, limit: int = 20) -> tuple[list[Ex
     return list(rows), total
 
 
-def crash_limit_reached(tag: Tag, rules: Rules) -> bool:
-    return tag.consecutive_crashes >= rules.max_consecutive_crashes
-
-
 def tag_public(tag: Tag) -> dict:
     return {
         "name": tag.name,
@@ -292,7 +170,25 @@ def tag_public(tag: Tag) -> dict:
     }
 
 
-def experiment_public(experiment: Experiment, *, with_source: bool = False) -> dict:
+RUN_FIELDS = ("id", "experiment_id", "replicate", "attempt", "purpose", "seed", "status", "scored_by", "gpu_id", "gpu_index",
+              "gpu_model", "host", "lease_holder", "task_id", "queue", "profile", "val_bpb", "reported_val_bpb",
+              "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_m", "num_steps",
+              "num_params_m", "depth", "error", "progress", "curve")
+RUN_TIMES = ("lease_expires_at", "queued_at", "claimed_at", "training_started_at", "finished_at")
+
+
+def run_public(run: Run) -> dict:
+    return {**{name: getattr(run, name) for name in RUN_FIELDS}, **{name: _iso(getattr(run, name)) for name in RUN_TIMES}}
+
+
+def current_run(experiment: Experiment) -> Run | None:
+    """The run that says where the experiment is: a running one, else the newest."""
+    runs = experiment.runs
+    return next((r for r in runs if r.status == RUNNING), None) or (runs[-1] if runs else None)
+
+
+def experiment_public(experiment: Experiment, *, with_source: bool = False, with_runs: bool = True) -> dict:
+    run = current_run(experiment)
     record = {
         "id": experiment.id,
         "tag": experiment.tag,
@@ -307,17 +203,24 @@ def experiment_public(experiment: Experiment, *, with_source: bool = False) -> d
         **{name: getattr(experiment, name) for name in METRIC_FIELDS},
         "delta": experiment.delta,
         "near_miss": experiment.near_miss,
-        "gpu_id": experiment.gpu_id,
-        "gpu_index": experiment.gpu_index,
+        "sigma": experiment.sigma,
+        "z": experiment.z,
+        "scored_by": run.scored_by if run else None,
+        "gpu_id": run.gpu_id if run else None,
+        "gpu_index": run.gpu_index if run else None,
         "pinned_gpu": experiment.pinned_gpu,
-        "task_id": experiment.task_id,
+        "pinned_gpu_id": experiment.pinned_gpu_id,
+        "task_id": run.task_id if run else None,
         "created_at": _iso(experiment.created_at),
         "started_at": _iso(experiment.started_at),
         "finished_at": _iso(experiment.finished_at),
         "error": experiment.error,
-        "progress": experiment.progress,
+        "progress": run.progress if run is not None and run.status == RUNNING else None,
         "cancel_requested": experiment.cancel_requested,
+        "run_count": sum(1 for r in experiment.runs if r.status == "finished"),
     }
+    if with_runs:
+        record["runs"] = [run_public(r) for r in experiment.runs]
     if with_source:
         record["train_py"] = experiment.train_py
     return record

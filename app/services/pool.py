@@ -1,4 +1,9 @@
-"""The GPU pool: registration, heartbeats (database clock), leases, the offline sweep."""
+"""The GPU pool: registration, heartbeats (database clock), manual-mode leases, the offline mark.
+
+Two kinds of GPU share the pool and never one GPU: a `worker` GPU is registered by its Celery
+worker and trains dispatched runs; a `manual` GPU is registered through the API by an agent
+that trains itself, and only those can be leased with acquire. A GPU's status is what it is
+doing for the dashboard; whether a run is alive is its lease (app.services.lifecycle)."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound
-from app.models import IDLE, OFFLINE, TRAINING, Gpu
+from app.models import IDLE, MANUAL_GPU, OFFLINE, TRAINING, Gpu
 from app.services.experiments import get_experiment
 
 
@@ -21,8 +26,10 @@ def gpu_public(gpu: Gpu) -> dict:
         "host": gpu.host,
         "gpu_name": gpu.gpu_name,
         "vram_mb": gpu.vram_mb,
+        "kind": gpu.kind,
         "status": gpu.status,
         "current_experiment_id": gpu.current_experiment_id,
+        "current_run_id": gpu.current_run_id,
         "registered_at": gpu.registered_at.isoformat() if gpu.registered_at else None,
         "last_heartbeat": gpu.last_heartbeat.isoformat() if gpu.last_heartbeat else None,
         "telemetry": gpu.telemetry,
@@ -41,9 +48,9 @@ def get_gpu(session: Session, gpu_id: str, *, lock: bool = False) -> Gpu:
 
 def register_gpu(
     session: Session, *, gpu_id: str, gpu_index: int, gpu_name: str, vram_mb: float, host: str = "",
-    telemetry: dict | None = None,
+    telemetry: dict | None = None, kind: str = MANUAL_GPU,
 ) -> Gpu:
-    """Insert or refresh a worker's row; a restarted worker comes back idle."""
+    """Insert or refresh a GPU's row; a restarted worker comes back idle."""
     # Insert-if-absent first, then lock: two simultaneous registrations of one new GPU must
     # both succeed, one after the other, rather than collide on the primary key.
     session.execute(
@@ -54,8 +61,10 @@ def register_gpu(
     gpu.gpu_name = gpu_name
     gpu.vram_mb = vram_mb
     gpu.host = host
+    gpu.kind = kind
     gpu.status = IDLE
     gpu.current_experiment_id = None
+    gpu.current_run_id = None
     gpu.telemetry = telemetry
     gpu.last_heartbeat = func.now()
     session.flush()
@@ -108,7 +117,7 @@ def list_gpus(session: Session, *, stale_after: float) -> dict:
 
 
 def acquire(session: Session, *, experiment_id: str, stale_after: float) -> dict:
-    """Lease one idle, live GPU to an experiment.
+    """Lease one idle, live manual GPU to an experiment (worker GPUs are never leased here).
 
     SKIP LOCKED makes this atomic across API processes: two callers never lock the same row,
     and the loser moves on to the next idle GPU or gets none.
@@ -120,7 +129,8 @@ def acquire(session: Session, *, experiment_id: str, stale_after: float) -> dict
             UPDATE gpus SET status = :training, current_experiment_id = :experiment_id
             WHERE id = (
                 SELECT id FROM gpus
-                WHERE status = :idle AND last_heartbeat >= now() - make_interval(secs => :stale_after)
+                WHERE status = :idle AND kind = :manual
+                      AND last_heartbeat >= now() - make_interval(secs => :stale_after)
                 ORDER BY gpu_index, id
                 LIMIT 1
                 FOR UPDATE SKIP LOCKED
@@ -128,7 +138,8 @@ def acquire(session: Session, *, experiment_id: str, stale_after: float) -> dict
             RETURNING id, gpu_index
             """
         ),
-        {"training": TRAINING, "idle": IDLE, "experiment_id": experiment_id, "stale_after": stale_after},
+        {"training": TRAINING, "idle": IDLE, "manual": MANUAL_GPU, "experiment_id": experiment_id,
+         "stale_after": stale_after},
     ).one_or_none()
     if row is None:
         return {"acquired": False, "gpu_id": None, "reason": "no idle GPUs"}
@@ -146,16 +157,3 @@ def release(session: Session, *, gpu_id: str, experiment_id: str) -> None:
     gpu.status = IDLE
     gpu.current_experiment_id = None
     session.flush()
-
-
-def set_training(session: Session, *, gpu_id: str, experiment_id: str | None) -> None:
-    """A worker says what its GPU is doing; None means idle."""
-    session.execute(
-        update(Gpu)
-        .where(Gpu.id == gpu_id)
-        .values(
-            status=TRAINING if experiment_id else IDLE,
-            current_experiment_id=experiment_id,
-            last_heartbeat=func.now(),
-        )
-    )

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from app.errors import NotFound
 from app.models import (
     CANCELLED,
+    CONFIRMING,
     CRASH,
     DISCARD,
     FAILED_STATUSES,
@@ -18,10 +19,12 @@ from app.models import (
     RUNNING,
     Experiment,
     Gpu,
+    Run,
     Strategy,
     Tag,
 )
 from app.services.experiments import get_experiment, get_tag, tag_public
+from app.services.lifecycle import noise_floor
 
 TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 
@@ -41,8 +44,10 @@ def summary(session: Session, *, tag: str) -> dict:
     kept = session.scalars(
         select(Experiment).where(Experiment.tag == tag, Experiment.status == KEEP).order_by(Experiment.finished_at)
     )
+    # GPU time is every run's, replicates and confirmations included.
     training_seconds = session.scalar(
-        select(func.coalesce(func.sum(Experiment.training_seconds), 0.0)).where(Experiment.tag == tag)
+        select(func.coalesce(func.sum(Run.training_seconds), 0.0))
+        .join(Experiment, Experiment.id == Run.experiment_id).where(Experiment.tag == tag)
     )
     strategy = session.get(Strategy, tag)
     pool = dict(session.execute(select(Gpu.status, func.count()).group_by(Gpu.status)).all())
@@ -59,6 +64,7 @@ def summary(session: Session, *, tag: str) -> dict:
             "discarded": counts.get(DISCARD, 0),
             "crashed": sum(counts.get(s, 0) for s in FAILED_STATUSES),
             "running": counts.get(RUNNING, 0),
+            "confirming": counts.get(CONFIRMING, 0),
             "queued": counts.get(QUEUED, 0),
             "cancelled": counts.get(CANCELLED, 0),
             "keep_rate": counts.get(KEEP, 0) / total if total else 0,
@@ -73,6 +79,7 @@ def summary(session: Session, *, tag: str) -> dict:
         "total_training_minutes": round(training_seconds / 60, 1),
         "strategy": strategy.mode if strategy else "unknown",
         "gpu_pool": {"total": sum(pool.values()), "idle": pool.get("idle", 0), "training": pool.get("training", 0)},
+        "noise": noise_floor(session, tag=tag),
     }
 
 
@@ -179,23 +186,34 @@ def _ended_runs():
     return Run.claimed_at.is_not(None), Run.finished_at.is_not(None)
 
 
-def throughput(session: Session) -> dict:
-    """Per tag: verdicts reached, GPU-hours spent (every run that held a GPU: confirmations,
-    baselines, crashes and cancelled ones too), and verdicts per GPU-hour."""
+def overview(session: Session) -> dict:
+    """Every tag, newest first, with what the overview page shows beside its counts: live
+    experiments, the noise floor, GPU-hours spent (every run that held a GPU: baselines,
+    confirmations, crashes and cancelled ones too) and verdicts per GPU-hour."""
     hours = dict(session.execute(
         select(Experiment.tag, func.sum(_held_seconds()) / 3600)
         .join(Run, Run.experiment_id == Experiment.id).where(*_ended_runs()).group_by(Experiment.tag)
     ).all())
-    verdicts = dict(session.execute(
-        select(Experiment.tag, func.count())
-        .where(Experiment.status.in_((KEEP, DISCARD, *FAILED_STATUSES))).group_by(Experiment.tag)
-    ).all())
+    counts: dict[str, dict[str, int]] = {}
+    for tag, status, count in session.execute(
+        select(Experiment.tag, Experiment.status, func.count()).group_by(Experiment.tag, Experiment.status)
+    ):
+        counts.setdefault(tag, {})[status] = count
     tags = []
-    for tag in sorted(set(hours) | set(verdicts)):
-        spent = float(hours.get(tag) or 0.0)
-        count = verdicts.get(tag, 0)
-        tags.append({"tag": tag, "verdicts": count, "gpu_hours": spent,
-                     "experiments_per_gpu_hour": count / spent if spent > 0 else None})
+    for record in session.scalars(select(Tag).order_by(Tag.created_at.desc())):
+        by_status = counts.get(record.name, {})
+        spent = float(hours.get(record.name) or 0.0)
+        verdicts = sum(by_status.get(s, 0) for s in (KEEP, DISCARD, *FAILED_STATUSES))
+        noise = noise_floor(session, tag=record.name)
+        tags.append({
+            **tag_public(record),
+            "running": by_status.get(RUNNING, 0) + by_status.get(CONFIRMING, 0),
+            "queued": by_status.get(QUEUED, 0),
+            "noise": {"sigma": noise["sigma"], "runs": noise["runs"]},
+            "verdicts": verdicts,
+            "gpu_hours": spent,
+            "experiments_per_gpu_hour": verdicts / spent if spent > 0 else None,
+        })
     return {"tags": tags}
 
 

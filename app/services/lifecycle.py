@@ -1,0 +1,730 @@
+"""Every status change of experiments and runs happens here, and nowhere else.
+
+An experiment is one candidate train.py and the verdict on it; a run is one training of it
+on one GPU (one attempt of one replicate). The API, the training task, the sweep, task-failure
+recovery, worker start-up and shutdown, and the seed's manual mode all call these functions.
+
+Each move is one conditional UPDATE: on the status it leaves (from the transition tables
+below) and, for a run a worker holds, on its lease token. Zero rows means someone else got
+there first (a cancel, a sweep, a newer attempt): that is an answer, not an error, and the
+caller drops what it wanted to write. Locks are taken tag, then experiment, then runs, and
+locked reads re-read (populate_existing), so two decisions on one tag never interleave and a
+stale object in the session never decides twice.
+
+Liveness is the run's lease: the worker that claims a run holds it under its incarnation's
+token and renews it from its parent process; the sweep expires leases that were not renewed,
+and a worker that starts again under the same GPU id gives up its previous incarnation's
+runs at once. A lost run is queued again as a new attempt (a new row), fails after
+MAX_ATTEMPTS, or ends cancelled when a cancel was asked for. A clean shutdown hands its run
+back without charging an attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from pydantic import ValidationError
+from sqlalchemy import func, select, text, update
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict, InvalidInput, NotFound
+from app.models import (
+    BASELINE,
+    CANCELLED,
+    CONFIRM,
+    CONFIRMING,
+    CRASH,
+    DISCARD,
+    FINISHED,
+    FINISHED_STATUSES,
+    FIRST,
+    IDLE,
+    KEEP,
+    LIVE_RUN_STATUSES,
+    LIVE_STATUSES,
+    LOST,
+    PRUNED,
+    QUEUED,
+    RELEASED,
+    RUNNING,
+    SCORED_BY_AGENT,
+    SCORED_BY_WORKER,
+    TIMEOUT,
+    TRAINING,
+    WORKER_GPU,
+    Experiment,
+    Gpu,
+    Run,
+    Tag,
+)
+from app.schemas import RunMetrics
+from app.services import verdicts
+
+# Which status each status may move to. Experiments: queued until a run trains, running while
+# the first runs train (back to queued when one is lost and waits again), confirming while
+# confirmation runs decide, then final. Runs: queued, running, then one final state.
+EXPERIMENT_MOVES: dict[str, frozenset[str]] = {
+    QUEUED: frozenset({RUNNING, CONFIRMING, *FINISHED_STATUSES}),
+    RUNNING: frozenset({QUEUED, CONFIRMING, *FINISHED_STATUSES}),
+    CONFIRMING: frozenset({CONFIRMING, *FINISHED_STATUSES}) - {PRUNED},
+}
+RUN_MOVES: dict[str, frozenset[str]] = {
+    QUEUED: frozenset({RUNNING, CANCELLED}),
+    RUNNING: frozenset({FINISHED, CRASH, TIMEOUT, CANCELLED, LOST, RELEASED, PRUNED}),
+}
+
+# A run lost with its worker is queued again this many times in all (per replicate), then the
+# experiment is recorded as a crash: a train.py that takes its worker down must not take down
+# every worker in turn.
+MAX_ATTEMPTS = 3
+SEED_RANGE = 2**31 - 1  # seeds fit Postgres INTEGER and every RNG train.py may feed them to
+
+# Queues: the shared `train` queue; `confirm`, which every worker drains before `train`, so
+# confirmation runs go ahead of new experiments; and one queue per GPU for pinned runs.
+TRAIN_QUEUE, CONFIRM_QUEUE = "train", "confirm"
+
+
+def gpu_queue(gpu_id: str) -> str:
+    return f"gpu.{gpu_id}"
+
+
+def worker_queues(gpu_id: str) -> list[str]:
+    """The queues a GPU worker consumes, in the order it drains them."""
+    return [gpu_queue(gpu_id), CONFIRM_QUEUE, TRAIN_QUEUE]
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A training message to send once the transaction that made it has committed."""
+
+    run_id: str
+    task_id: str
+    queue: str
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A worker incarnation: the GPU it trains on and the token its leases carry."""
+
+    gpu_id: str
+    token: str
+    gpu_index: int | None = None
+    gpu_model: str = ""
+    host: str = ""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The decision constants, from configuration."""
+
+    near_miss_threshold: float = 0.002
+    max_consecutive_crashes: int = 3
+    verdict_policy: str = "single"
+    baseline_runs: int = 1
+    lease_s: float = 60.0
+
+    @classmethod
+    def from_settings(cls, settings) -> Policy:
+        return cls(settings.near_miss_threshold, settings.max_consecutive_crashes, settings.verdict_policy,
+                   settings.baseline_runs, settings.stale_after)
+
+
+@dataclass
+class Outcome:
+    """What became of a run and what to send: the verdict when one was reached."""
+
+    status: str
+    experiment_status: str | None = None
+    verdict: dict | None = None
+    dispatches: list[Dispatch] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# The two moves everything else is built from
+
+
+def _sources(moves: dict[str, frozenset[str]], to: str, allowed: Iterable[str] | None) -> list[str]:
+    sources = [status for status, targets in moves.items() if to in targets]
+    return [s for s in sources if s in allowed] if allowed is not None else sources
+
+
+def move_experiment(session: Session, experiment_id: str, to: str, *, only_from: Iterable[str] | None = None,
+                    **values) -> bool:
+    """Move an experiment to `to` if its status allows it; True if it moved."""
+    row = session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id, Experiment.status.in_(_sources(EXPERIMENT_MOVES, to, only_from)))
+        .values(status=to, **values)
+        .returning(Experiment.id)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    return row is not None
+
+
+def move_run(session: Session, run_id: str, to: str, *, token: str | None = None,
+             only_from: Iterable[str] | None = None, **values) -> bool:
+    """Move a run to `to` if its status allows it and, with `token`, only while that lease holds it."""
+    where = [Run.id == run_id, Run.status.in_(_sources(RUN_MOVES, to, only_from))]
+    if token is not None:
+        where.append(Run.lease_token == token)
+    row = session.execute(
+        update(Run).where(*where).values(status=to, **values).returning(Run.id)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    return row is not None
+
+
+def _locked_experiment(session: Session, experiment_id: str) -> tuple[Tag, Experiment]:
+    """Tag, then experiment, both locked and re-read."""
+    tag_name = session.scalar(select(Experiment.tag).where(Experiment.id == experiment_id))
+    if tag_name is None:
+        raise NotFound(f"Experiment {experiment_id} not found", fields={"experiment_id": experiment_id})
+    tag = session.scalars(select(Tag).where(Tag.name == tag_name).with_for_update()
+                          .execution_options(populate_existing=True)).one()
+    experiment = session.scalars(select(Experiment).where(Experiment.id == experiment_id).with_for_update()
+                                 .execution_options(populate_existing=True)).one()
+    return tag, experiment
+
+
+def runs_of(session: Session, experiment_id: str, *, lock: bool = False) -> list[Run]:
+    query = select(Run).where(Run.experiment_id == experiment_id).order_by(Run.replicate, Run.attempt, Run.queued_at)
+    if lock:
+        query = query.with_for_update()
+    return list(session.scalars(query.execution_options(populate_existing=True)))
+
+
+# ---------------------------------------------------------------------------
+# Creating runs
+
+
+def _new_run_id() -> str:
+    return f"run-{uuid.uuid4().hex[:20]}"
+
+
+def new_seed(taken: Iterable[int] = ()) -> int:
+    taken = set(taken)
+    while True:
+        seed = 1 + secrets.randbelow(SEED_RANGE)
+        if seed not in taken:
+            return seed
+
+
+def queue_run(session: Session, experiment: Experiment, *, replicate: int, purpose: str, seed: int,
+              attempt: int = 1, queue: str | None = None) -> Dispatch:
+    """A new queued run and the message that will start it."""
+    queue = queue or (gpu_queue(experiment.pinned_gpu_id) if experiment.pinned_gpu_id else TRAIN_QUEUE)
+    run = Run(id=_new_run_id(), experiment_id=experiment.id, replicate=replicate, attempt=attempt, purpose=purpose,
+              seed=seed, status=QUEUED, scored_by=SCORED_BY_WORKER, task_id=str(uuid.uuid4()), queue=queue)
+    session.add(run)
+    session.flush()
+    return Dispatch(run.id, run.task_id, queue)
+
+
+def queue_experiment(session: Session, experiment: Experiment, *, first_of_tag: bool, policy: Policy) -> list[Dispatch]:
+    """The runs a submitted experiment starts with: BASELINE_RUNS replicates for a tag's first
+    experiment (they measure the noise floor), else one; `single`, the seed's policy, runs once."""
+    replicated = first_of_tag and policy.verdict_policy != verdicts.SINGLE
+    count = max(1, policy.baseline_runs) if replicated else 1
+    purpose = BASELINE if first_of_tag and count > 1 else FIRST
+    seeds: list[int] = []
+    dispatches = []
+    for replicate in range(count):
+        seeds.append(new_seed(seeds))
+        dispatches.append(queue_run(session, experiment, replicate=replicate, purpose=purpose, seed=seeds[-1]))
+    return dispatches
+
+
+def start_manual_run(session: Session, experiment: Experiment, *, gpu_id: str | None) -> Run:
+    """The seed's manual mode: the agent trains the experiment itself and reports the numbers."""
+    run = Run(id=_new_run_id(), experiment_id=experiment.id, replicate=0, attempt=1, purpose=FIRST, seed=new_seed(),
+              status=RUNNING, scored_by=SCORED_BY_AGENT, gpu_id=gpu_id, claimed_at=func.now())
+    session.add(run)
+    session.flush()
+    return run
+
+
+def resend(session: Session, run_id: str) -> Dispatch | None:
+    """A queued run whose message the broker lost gets a new message id; the old one, should it
+    come back, still finds the run queued and only one of the two can claim it."""
+    row = session.execute(
+        update(Run).where(Run.id == run_id, Run.status == QUEUED)
+        .values(task_id=str(uuid.uuid4())).returning(Run.task_id, Run.queue)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    return Dispatch(run_id, row.task_id, row.queue) if row else None
+
+
+# ---------------------------------------------------------------------------
+# A worker trains a run
+
+
+@dataclass(frozen=True)
+class Claim:
+    run_id: str
+    experiment_id: str
+    attempt: int
+    seed: int
+    tag: str
+    profile: str
+    train_py: str
+
+
+def claim(session: Session, *, run_id: str, holder: Holder, lease_s: float) -> Claim | None:
+    """Take a queued run under a lease. A redelivered or duplicate message, or one for a run that
+    was cancelled or superseded, finds nothing to take and never trains anything."""
+    row = session.execute(
+        text(
+            """
+            UPDATE runs r SET status = :running, lease_holder = :gpu_id, lease_token = :token,
+                   lease_expires_at = now() + make_interval(secs => :lease_s), claimed_at = now(),
+                   gpu_id = :gpu_id, gpu_index = :gpu_index, gpu_model = :gpu_model, host = :host
+            FROM experiments e JOIN tags t ON t.name = e.tag
+            WHERE r.id = :run_id AND r.status = :queued AND e.id = r.experiment_id AND NOT e.cancel_requested
+                  AND e.status = ANY(:live)
+            RETURNING r.id, r.experiment_id, r.attempt, r.seed, e.tag, t.profile, e.train_py
+            """
+        ),
+        {"running": RUNNING, "queued": QUEUED, "gpu_id": holder.gpu_id, "gpu_index": holder.gpu_index,
+         "token": holder.token,
+         "gpu_model": holder.gpu_model, "host": holder.host, "lease_s": lease_s, "run_id": run_id,
+         "live": list(LIVE_STATUSES)},
+    ).one_or_none()
+    if row is None:
+        return None
+    move_experiment(session, row.experiment_id, RUNNING, only_from=[QUEUED],
+                    started_at=func.coalesce(Experiment.started_at, func.now()))
+    _gpu_busy(session, holder.gpu_id, experiment_id=row.experiment_id, run_id=row.id)
+    return Claim(row.id, row.experiment_id, row.attempt, row.seed, row.tag, row.profile, row.train_py)
+
+
+def _gpu_busy(session: Session, gpu_id: str | None, *, experiment_id: str | None, run_id: str | None) -> None:
+    """What the GPU row shows: the run it trains, or idle. Display only; liveness is the lease."""
+    if gpu_id is None:
+        return
+    session.execute(
+        update(Gpu).where(Gpu.id == gpu_id, Gpu.kind == WORKER_GPU)
+        .values(status=TRAINING if run_id else IDLE, current_experiment_id=experiment_id, current_run_id=run_id,
+                last_heartbeat=func.now())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _gpu_idle_unless_busy(session: Session, gpu_id: str | None, run_id: str) -> None:
+    """The GPU goes idle, unless it has already moved on to another run."""
+    if gpu_id is None:
+        return
+    session.execute(
+        update(Gpu).where(Gpu.id == gpu_id, Gpu.current_run_id == run_id)
+        .values(status=IDLE, current_experiment_id=None, current_run_id=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What a worker learns when it reports progress: whether the run is still its own, and
+    whether a cancel was asked for."""
+
+    held: bool
+    cancel_requested: bool
+
+
+def report_progress(session: Session, *, run_id: str, token: str, progress: dict | None,
+                    log_tail: str | None = None) -> Standing:
+    """While the lease holds the run: store its log tail and, when there is new progress, the
+    progress, appended to the run's curve. Tells the worker whether to go on."""
+    point = None if progress is None else json.dumps(
+        {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in progress.items()})
+    row = session.execute(text(
+        """
+        UPDATE runs SET log_tail = COALESCE(:log_tail, log_tail),
+               progress = COALESCE(CAST(:point AS json), progress),
+               curve = CASE WHEN :point IS NULL THEN curve
+                            ELSE (COALESCE(curve::jsonb, '[]'::jsonb) || jsonb_build_array(CAST(:point AS jsonb)))::json
+                       END,
+               training_started_at = CASE WHEN :point IS NULL THEN training_started_at
+                                          ELSE COALESCE(training_started_at, now()) END
+        WHERE id = :run_id AND status = :running AND lease_token = :token
+        RETURNING experiment_id
+        """
+    ), {"point": point, "log_tail": log_tail, "run_id": run_id, "running": RUNNING, "token": token}).one_or_none()
+    if row is None:
+        return Standing(held=False, cancel_requested=False)
+    cancel = session.scalar(select(Experiment.cancel_requested).where(Experiment.id == row.experiment_id))
+    return Standing(held=True, cancel_requested=bool(cancel))
+
+
+def renew_leases(session: Session, *, holder: Holder, lease_s: float) -> list[str]:
+    """The worker's parent renews every run its incarnation holds; returns their ids."""
+    return list(session.scalars(
+        update(Run).where(Run.lease_holder == holder.gpu_id, Run.lease_token == holder.token, Run.status == RUNNING)
+        .values(lease_expires_at=func.now() + timedelta(seconds=lease_s)).returning(Run.id)
+        .execution_options(synchronize_session=False)
+    ))
+
+
+def held_runs(session: Session, *, holder: Holder) -> list[str]:
+    return list(session.scalars(select(Run.id).where(
+        Run.lease_holder == holder.gpu_id, Run.lease_token == holder.token, Run.status == RUNNING)))
+
+
+# ---------------------------------------------------------------------------
+# A run ends
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """How a training ended, as the worker (or the agent, in manual mode) saw it."""
+
+    status: str  # FINISHED, CRASH, TIMEOUT, CANCELLED or PRUNED
+    metrics: dict | None = None  # the summary block, validated, for FINISHED
+    error: str | None = None
+    log_tail: str | None = None
+
+
+RUN_METRICS = ("profile", "val_bpb", "reported_val_bpb", "training_seconds", "total_seconds", "peak_vram_mb",
+               "mfu_percent", "total_tokens_m", "num_steps", "num_params_m", "depth")
+
+
+def finish_run(session: Session, *, run_id: str, token: str | None, report: RunReport, policy: Policy) -> Outcome:
+    """Record how a run ended and settle its experiment. Conditional on the lease (a superseded
+    attempt records nothing: Conflict) and on the run still running (recorded once)."""
+    experiment_id = session.scalar(select(Run.experiment_id).where(Run.id == run_id))
+    if experiment_id is None:
+        raise Conflict(f"run {run_id} does not exist", fields={"run_id": run_id})
+    tag, experiment = _locked_experiment(session, experiment_id)
+    if report.status == FINISHED:
+        report = _checked(report)
+    values = {name: (report.metrics or {}).get(name) for name in RUN_METRICS if (report.metrics or {}).get(name)
+              is not None}
+    moved = move_run(session, run_id, report.status, token=token, only_from=[RUNNING], error=report.error,
+                     log_tail=report.log_tail, finished_at=func.clock_timestamp(), lease_expires_at=None, **values)
+    if not moved:
+        raise Conflict(f"run {run_id} of experiment {experiment_id} is no longer running under this lease",
+                       fields={"experiment_id": experiment_id, "run_id": run_id})
+    gpu_id = session.scalar(select(Run.gpu_id).where(Run.id == run_id))
+    _gpu_idle_unless_busy(session, gpu_id, run_id)
+    return _settle(session, tag, experiment, policy)
+
+
+def _checked(report: RunReport) -> RunReport:
+    """A summary that breaks the API's rules for metrics (a negative or missing val_bpb, say)
+    is a crash, whoever reported it: it must never become an unbeatable best."""
+    try:
+        metrics = RunMetrics.model_validate(report.metrics or {}).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        fields = ", ".join(".".join(str(p) for p in err["loc"]) or "summary" for err in exc.errors())
+        return RunReport(CRASH, error=f"invalid summary block: {fields} ({exc.errors()[0]['msg']})",
+                         log_tail=report.log_tail)
+    return RunReport(FINISHED, metrics={**(report.metrics or {}), **metrics}, log_tail=report.log_tail)
+
+
+def lose_run(session: Session, *, run_id: str, reason: str, policy: Policy, token: str | None = None,
+             charge: bool = True) -> Outcome:
+    """The run's holder went away (lease expired, worker restarted, task died), or handed it back
+    (charge=False). The attempt ends; the run is queued again as a new attempt, or the
+    experiment ends cancelled (a cancel was asked for) or crashed (MAX_ATTEMPTS lost)."""
+    experiment_id = session.scalar(select(Run.experiment_id).where(Run.id == run_id))
+    if experiment_id is None:
+        return Outcome(status="missing")
+    tag, experiment = _locked_experiment(session, experiment_id)
+    run = session.scalars(select(Run).where(Run.id == run_id).execution_options(populate_existing=True)).one()
+    ended = RELEASED if not charge else LOST
+    if not move_run(session, run_id, ended, token=token, only_from=[RUNNING], error=reason,
+                    finished_at=func.clock_timestamp(), lease_expires_at=None):
+        return Outcome(status="unchanged")
+    _gpu_idle_unless_busy(session, run.gpu_id, run_id)
+    if experiment.cancel_requested or experiment.status not in LIVE_STATUSES:
+        return _settle(session, tag, experiment, policy)
+    attempt = run.attempt + 1 if charge else run.attempt
+    if charge and run.attempt >= MAX_ATTEMPTS:
+        return _fail(session, tag, experiment, policy, status=CRASH,
+                     error=f"{reason}; lost {run.attempt} times, not retried")
+    dispatch = queue_run(session, experiment, replicate=run.replicate, purpose=run.purpose, seed=run.seed,
+                         attempt=attempt, queue=run.queue)
+    if experiment.status == RUNNING and not _any_running(session, experiment.id):
+        move_experiment(session, experiment.id, QUEUED, only_from=[RUNNING])
+    return Outcome(status=ended, experiment_status=experiment.status, dispatches=[dispatch])
+
+
+def _any_running(session: Session, experiment_id: str) -> bool:
+    return bool(session.scalar(select(func.count()).select_from(Run).where(
+        Run.experiment_id == experiment_id, Run.status == RUNNING)))
+
+
+def expire_leases(session: Session, *, policy: Policy) -> list[Outcome]:
+    """The sweep: every run whose lease ran out is lost. Not within one lease of a Postgres
+    start: while the database was down no lease could be renewed."""
+    expired = session.scalars(
+        select(Run.id).where(
+            Run.status == RUNNING, Run.lease_expires_at < func.now(),
+            func.pg_postmaster_start_time() < func.now() - timedelta(seconds=policy.lease_s),
+        ).with_for_update(skip_locked=True)
+    ).all()
+    return [lose_run(session, run_id=run_id, reason="its lease expired (the worker went silent)", policy=policy)
+            for run_id in expired]
+
+
+def release_previous_incarnation(session: Session, *, holder: Holder, policy: Policy) -> list[Outcome]:
+    """A worker starting under a GPU id gives up what an earlier process of that id held: that
+    process is gone (it did not hand its runs back), so they are lost, now rather than later."""
+    stale = session.scalars(select(Run.id).where(
+        Run.lease_holder == holder.gpu_id, Run.lease_token != holder.token, Run.status == RUNNING)).all()
+    return [lose_run(session, run_id=run_id, policy=policy,
+                     reason=f"worker {holder.gpu_id} restarted while training it") for run_id in stale]
+
+
+# ---------------------------------------------------------------------------
+# Cancelling
+
+
+def request_cancel(session: Session, *, experiment_id: str, policy: Policy, reason: str = "cancelled on request"
+                   ) -> Outcome:
+    """Queued runs are cancelled at once; a running one is flagged, and its worker kills the
+    training within a poll and records the cancellation (or, if the worker is gone, the sweep
+    does when the lease runs out). With nothing running the experiment ends cancelled now."""
+    tag, experiment = _locked_experiment(session, experiment_id)
+    if experiment.status not in LIVE_STATUSES:
+        raise Conflict(f"Experiment {experiment.id} already finished with status '{experiment.status}'",
+                       fields={"experiment_id": experiment.id})
+    session.execute(update(Experiment).where(Experiment.id == experiment_id)
+                    .values(cancel_requested=True, error=reason).execution_options(synchronize_session=False))
+    experiment.cancel_requested = True
+    for run in runs_of(session, experiment_id):
+        if run.status == QUEUED:
+            move_run(session, run.id, CANCELLED, only_from=[QUEUED], error=f"{reason} (while queued)",
+                     finished_at=func.clock_timestamp())
+    if experiment.dispatched:
+        return _settle(session, tag, experiment, policy)
+    # Manual mode: nobody else will end the agent's own run.
+    for run in runs_of(session, experiment_id):
+        move_run(session, run.id, CANCELLED, only_from=[RUNNING], error="cancelled", finished_at=func.clock_timestamp())
+    return _settle(session, tag, experiment, policy)
+
+
+# ---------------------------------------------------------------------------
+# Settling an experiment once its runs say enough
+
+
+def _settle(session: Session, tag: Tag, experiment: Experiment, policy: Policy) -> Outcome:
+    """Called with tag and experiment locked whenever one of its runs ended."""
+    runs = runs_of(session, experiment.id)
+    if experiment.status not in LIVE_STATUSES:
+        return Outcome(status=experiment.status, experiment_status=experiment.status)
+    failed = [r for r in runs if r.status in (CRASH, TIMEOUT)]
+    if failed:
+        worst = failed[-1]
+        return _fail(session, tag, experiment, policy, status=worst.status, error=worst.error or worst.status)
+    live = [r for r in runs if r.status in LIVE_RUN_STATUSES]
+    finished = [r for r in runs if r.status == FINISHED]
+    if experiment.cancel_requested:
+        if live:
+            return Outcome(status="cancelling", experiment_status=experiment.status)
+        move_experiment(session, experiment.id, CANCELLED, finished_at=func.clock_timestamp())
+        return Outcome(status=CANCELLED, experiment_status=CANCELLED)
+    if any(r.status == PRUNED for r in runs):
+        return _prune(session, tag, experiment, runs)
+    if live:
+        return Outcome(status="pending", experiment_status=experiment.status)
+    if not finished:
+        move_experiment(session, experiment.id, CANCELLED, error="no run finished", finished_at=func.clock_timestamp())
+        return Outcome(status=CANCELLED, experiment_status=CANCELLED)
+    return _decide(session, tag, experiment, finished, policy)
+
+
+def _best_values(session: Session, tag: Tag, experiment: Experiment, gpu_model: str | None) -> list[float] | None:
+    """The best's finished runs, on the candidate's GPU model when it has any there: a faster
+    GPU must not win a verdict under a wall-clock budget by speed alone."""
+    if tag.best_experiment_id is None or tag.best_experiment_id == experiment.id:
+        return None
+    rows = session.execute(select(Run.val_bpb, Run.gpu_model).where(
+        Run.experiment_id == tag.best_experiment_id, Run.status == FINISHED, Run.val_bpb.is_not(None))).all()
+    same_model = [r.val_bpb for r in rows if r.gpu_model == gpu_model]
+    return same_model or [r.val_bpb for r in rows] or [tag.best_val_bpb]
+
+
+def noise_floor(session: Session, *, tag: str) -> dict:
+    """Pooled run-to-run stdev of val_bpb over the tag's experiments with two or more finished
+    runs, over all and per GPU model (experiments, of any verdict, replicate the same source)."""
+    rows = session.execute(
+        select(Run.experiment_id, Run.gpu_model, Run.val_bpb).join(Experiment, Experiment.id == Run.experiment_id)
+        .where(Experiment.tag == tag, Run.status == FINISHED, Run.val_bpb.is_not(None))
+    ).all()
+    by_model: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        by_model.setdefault(row.gpu_model or "unknown", {}).setdefault(row.experiment_id, []).append(row.val_bpb)
+    groups = [values for experiments in by_model.values() for values in experiments.values()]
+    sigma, runs = verdicts.pooled_sigma(groups)
+    models = {}
+    for model, experiments in by_model.items():
+        model_sigma, model_runs = verdicts.pooled_sigma(experiments.values())
+        models[model] = {"sigma": model_sigma, "runs": model_runs}
+    return {"sigma": sigma, "runs": runs, "by_gpu_model": models}
+
+
+def _decide(session: Session, tag: Tag, experiment: Experiment, finished: list[Run], policy: Policy) -> Outcome:
+    values = [r.val_bpb for r in finished]
+    gpu_model = finished[-1].gpu_model
+    noise = noise_floor(session, tag=tag.name)
+    sigma = (noise["by_gpu_model"].get(gpu_model or "unknown") or {}).get("sigma") or noise["sigma"]
+    best = _best_values(session, tag, experiment, gpu_model)
+    verdict = verdicts.decide(values, best, sigma=sigma, policy=policy.verdict_policy,
+                              baseline_runs=policy.baseline_runs)
+    action = verdict.action
+    if action == verdicts.CONFIRM:
+        if experiment.dispatched:
+            return _confirm(session, experiment, finished)
+        # Manual mode cannot be asked for more runs: the seed's rule decides.
+        action = KEEP if best is None or verdict.estimate < verdict.best else DISCARD
+    return _conclude(session, tag, experiment, finished, verdict, action, policy)
+
+
+def _confirm(session: Session, experiment: Experiment, finished: list[Run]) -> Outcome:
+    """One more run of the candidate, ahead of new experiments, on another GPU when one is idle."""
+    runs = runs_of(session, experiment.id)
+    used = {r.gpu_id for r in finished}
+    other_idle = session.scalar(
+        select(Gpu.id).where(Gpu.kind == WORKER_GPU, Gpu.status == IDLE, Gpu.id.not_in(used)).order_by(Gpu.id).limit(1)
+    ) if not experiment.pinned_gpu_id else None
+    queue = gpu_queue(other_idle) if other_idle else (
+        gpu_queue(experiment.pinned_gpu_id) if experiment.pinned_gpu_id else CONFIRM_QUEUE)
+    dispatch = queue_run(session, experiment, replicate=max(r.replicate for r in runs) + 1, purpose=CONFIRM,
+                         seed=new_seed(r.seed for r in runs), queue=queue)
+    move_experiment(session, experiment.id, CONFIRMING, **_summary(finished))
+    return Outcome(status=CONFIRMING, experiment_status=CONFIRMING, dispatches=[dispatch])
+
+
+def _summary(finished: list[Run]) -> dict:
+    """The experiment's metrics from its finished runs: the mean of each, the last profile."""
+    summary: dict = {"profile": finished[-1].profile}
+    for name in ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_m",
+                 "num_params_m", "num_steps", "depth"):
+        values = [getattr(r, name) for r in finished if getattr(r, name) is not None]
+        if values:
+            mean = sum(values) / len(values)
+            summary[name] = round(mean) if name in ("num_steps", "depth") else mean
+    return summary
+
+
+def _conclude(session: Session, tag: Tag, experiment: Experiment, finished: list[Run], verdict, action: str,
+              policy: Policy) -> Outcome:
+    improved = action == KEEP
+    near_miss = (not improved) and verdict.best is not None and verdict.delta > -policy.near_miss_threshold
+    summary = _summary(finished)
+    # clock_timestamp, not now(): now() is when the transaction began, before it waited for the
+    # tag lock; the time of the decision orders results the way they were decided.
+    moved = move_experiment(session, experiment.id, action, delta=verdict.delta, near_miss=near_miss,
+                            sigma=verdict.sigma, z=verdict.z, finished_at=func.clock_timestamp(), **summary)
+    if not moved:
+        raise Conflict(f"Experiment {experiment.id} was decided meanwhile", fields={"experiment_id": experiment.id})
+    tag.total_experiments += 1
+    tag.consecutive_crashes = 0
+    if improved:
+        tag.kept_experiments += 1
+        tag.best_val_bpb = verdict.estimate
+        tag.best_experiment_id = experiment.id
+    else:
+        tag.discarded_experiments += 1
+    session.flush()
+    return Outcome(status=action, experiment_status=action, verdict={
+        "experiment_id": experiment.id,
+        "status": action,
+        "val_bpb": verdict.estimate,
+        "improved": improved,
+        "delta": verdict.delta,
+        "best_val_bpb": tag.best_val_bpb,
+        "near_miss": near_miss,
+        "action": "keep_commit" if improved else "git_reset",
+        "sigma": verdict.sigma,
+        "z": verdict.z,
+        "runs": verdict.runs,
+        "best_runs": verdict.best_runs,
+    })
+
+
+def _fail(session: Session, tag: Tag, experiment: Experiment, policy: Policy, *, status: str, error: str) -> Outcome:
+    """A crash or timeout: the experiment's other runs are called off and the crash counts."""
+    for run in runs_of(session, experiment.id):
+        if run.status == QUEUED:
+            move_run(session, run.id, CANCELLED, only_from=[QUEUED], error=f"called off: the experiment {status}ed",
+                     finished_at=func.clock_timestamp())
+    session.execute(update(Experiment).where(Experiment.id == experiment.id).values(cancel_requested=True)
+                    .execution_options(synchronize_session=False))
+    if not move_experiment(session, experiment.id, status, error=error, finished_at=func.clock_timestamp()):
+        raise Conflict(f"Experiment {experiment.id} was decided meanwhile", fields={"experiment_id": experiment.id})
+    tag.total_experiments += 1
+    tag.crashed_experiments += 1
+    tag.consecutive_crashes += 1
+    session.flush()
+    return Outcome(status=status, experiment_status=status, verdict={
+        "experiment_id": experiment.id,
+        "status": status,
+        "consecutive_crashes": tag.consecutive_crashes,
+        "should_abort": tag.consecutive_crashes >= policy.max_consecutive_crashes,
+        "action": "git_reset",
+    })
+
+
+def _prune(session: Session, tag: Tag, experiment: Experiment, runs: list[Run]) -> Outcome:
+    """Stopped early as a clear loser: a verdict of its own, no crash counted."""
+    pruned = next(r for r in runs if r.status == PRUNED)
+    move_experiment(session, experiment.id, PRUNED, error=pruned.error, finished_at=func.clock_timestamp())
+    tag.total_experiments += 1
+    tag.discarded_experiments += 1
+    session.flush()
+    return Outcome(status=PRUNED, experiment_status=PRUNED, verdict={
+        "experiment_id": experiment.id, "status": PRUNED, "action": "git_reset", "error": pruned.error})
+
+
+# ---------------------------------------------------------------------------
+# The seed's manual mode: the agent reports its own run
+
+
+def _manual_run(session: Session, experiment_id: str) -> str:
+    tag, experiment = _locked_experiment(session, experiment_id)
+    if experiment.dispatched:
+        raise Conflict(
+            f"Experiment {experiment_id} was submitted: its score comes from the worker, not from /complete or /crash",
+            fields={"experiment_id": experiment_id})
+    if experiment.status not in LIVE_STATUSES:
+        raise Conflict(f"Experiment {experiment_id} already finished with status '{experiment.status}'",
+                       fields={"experiment_id": experiment_id})
+    run_id = session.scalar(select(Run.id).where(Run.experiment_id == experiment_id, Run.status == RUNNING))
+    if run_id is None:
+        raise Conflict(f"Experiment {experiment_id} has no run in progress", fields={"experiment_id": experiment_id})
+    return run_id
+
+
+def complete_manual(session: Session, *, experiment_id: str, metrics: dict, policy: Policy) -> dict:
+    run_id = _manual_run(session, experiment_id)
+    outcome = finish_run(session, run_id=run_id, token=None, policy=policy,
+                         report=RunReport(FINISHED, metrics=metrics))
+    return outcome.verdict
+
+
+def crash_manual(session: Session, *, experiment_id: str, error: str, policy: Policy) -> dict:
+    run_id = _manual_run(session, experiment_id)
+    outcome = finish_run(session, run_id=run_id, token=None, policy=policy, report=RunReport(CRASH, error=error))
+    return outcome.verdict
+
+
+def check_submittable(tag: Tag, policy: Policy, acknowledge_crashes: bool) -> None:
+    if acknowledge_crashes:
+        tag.consecutive_crashes = 0
+    if tag.consecutive_crashes >= policy.max_consecutive_crashes:
+        raise Conflict(
+            f"tag '{tag.name}' hit {tag.consecutive_crashes} consecutive crashes; fix train.py, then submit "
+            "with \"acknowledge_crashes\": true",
+            fields={"tag": tag.name}, consecutive_crashes=tag.consecutive_crashes,
+        )
+
+
+def check_source(train_py: str) -> None:
+    if not train_py.strip():
+        raise InvalidInput("train_py is empty", fields={"train_py": ""})
