@@ -83,6 +83,8 @@ class Client:
         except requests.Timeout:
             raise ApiUnreachable(f"the API at {self.url} did not answer {method} {path} "
                                  f"within {timeout_s:.0f}s") from None
+        except requests.RequestException as exc:
+            raise ApiUnreachable(f"{method} {self.url}{path} failed: {exc}") from None
         try:
             data = response.json()
         except ValueError:
@@ -244,7 +246,7 @@ def _rows(items: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
 
 
 EXPERIMENT_KEYS = ("id", "experiment_id", "tag", "status", "val_bpb", "sigma", "z", "delta", "best_val_bpb",
-                   "near_miss", "runs", "best_runs", "category", "description", "gpu_id", "queue", "error")
+                   "near_miss", "run_count", "runs", "best_runs", "category", "description", "gpu_id", "queue", "error")
 EXPERIMENT_ROW_KEYS = ("id", "status", "val_bpb", "delta", "category", "description")
 
 
@@ -367,6 +369,9 @@ def _with_client(command):
         except ClientError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_code
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
     return run
 
