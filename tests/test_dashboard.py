@@ -21,6 +21,7 @@ import pytest
 import redis
 import requests
 from conftest_data import registration
+from sqlalchemy import text
 from test_workers import summary_script, wait_until
 from werkzeug.serving import make_server
 
@@ -86,9 +87,12 @@ def page(browser):
     tab = context.new_page()
     errors = []
     tab.on("pageerror", lambda error: errors.append(str(error)))
+    # A poll that fails logs its error; the browser's own line for a refused (401) fetch is expected.
+    tab.on("console", lambda message: message.type == "error" and not message.text.startswith("Failed to load resource")
+           and errors.append(message.text))
     yield tab
     context.close()
-    assert not errors, f"the page raised: {errors}"
+    assert not errors, f"the page raised or logged: {errors}"
 
 
 def screenshot(page, tmp_path: Path, name: str) -> None:
@@ -188,7 +192,7 @@ def finish(server: Server, experiment_id: str) -> dict:
 
 # --- pages ------------------------------------------------------------------------------------
 
-def test_overview_shows_a_training_gpu_and_updates_its_progress_without_a_reload(stack, page, tmp_path):
+def test_overview_shows_a_training_gpu_and_updates_its_progress_without_a_reload(page, stack, tmp_path):
     server, gpu_id = stack["server"], stack["gpu_id"]
     tag = new_tag(server)
     experiment_id = submit(server, tag, slow_progress_script(), "slow progress on the overview")
@@ -206,7 +210,7 @@ def test_overview_shows_a_training_gpu_and_updates_its_progress_without_a_reload
         assert page.evaluate("window.stillTheSamePage") is True  # updated in place, never reloaded
         tag_row = page.locator(f'#tags tr[data-tag="{tag}"]')
         expect(tag_row).to_contain_text("tiny")
-        expect(tag_row.locator("td").nth(7)).to_have_text("1")  # running
+        expect(tag_row.locator("td.running")).to_have_text("1")
         screenshot(page, tmp_path, "overview")
     finally:
         finish(server, experiment_id)
@@ -237,7 +241,7 @@ def column_values(page, css_class: str) -> list[str]:
     return page.locator(f"#experiments tbody td.{css_class}").all_inner_texts()
 
 
-def test_tag_page_sorts_and_filters_the_experiments(stack, page, tmp_path):
+def test_tag_page_sorts_and_filters_the_experiments(page, stack, tmp_path):
     server = stack["server"]
     tag = new_tag(server)
     results = [("optimizer", 1.30), ("architecture", 1.25), ("optimizer", 1.27), ("architecture", None),
@@ -277,11 +281,19 @@ def test_tag_page_sorts_and_filters_the_experiments(stack, page, tmp_path):
     screenshot(page, tmp_path, "tag")
 
 
-def test_experiment_page_shows_the_diffs_and_the_live_curve(stack, page, tmp_path):
+def test_experiment_page_shows_the_diffs_and_the_live_curve(page, stack, tmp_path):
     server = stack["server"]
     tag = new_tag(server)
     parent = submit(server, tag, summary_script(), "the parent")
-    assert verdict(server, parent)["status"] == "keep"
+    finished = verdict(server, parent)
+    assert finished["status"] == "keep"
+    # A finished experiment shows the stored curve of each of its runs.
+    page.goto(f"{server.url}/experiment/{parent}")
+    expect(page.locator("#runs tbody tr")).to_have_count(len(finished["runs"]))
+    stored = page.locator("#loss-chart")
+    expect(stored.locator("canvas")).to_have_count(1)
+    assert int(stored.get_attribute("data-points")) == sum(len(run["curve"] or []) for run in finished["runs"]) > 0
+    screenshot(page, tmp_path, "experiment-finished")
     child_source = slow_progress_script(every_s=0.25)
     child = submit(server, tag, child_source, "the child", parent_id=parent)
     try:
@@ -304,7 +316,7 @@ def test_experiment_page_shows_the_diffs_and_the_live_curve(stack, page, tmp_pat
         finish(server, child)
 
 
-def test_cancel_from_the_page_cancels_the_run(stack, page, tmp_path):
+def test_cancel_from_the_page_cancels_the_run(page, stack, tmp_path):
     server, gpu_id = stack["server"], stack["gpu_id"]
     tag = new_tag(server)
     experiment_id = submit(server, tag, slow_progress_script(), "to be cancelled from the page")
@@ -323,7 +335,7 @@ def test_cancel_from_the_page_cancels_the_run(stack, page, tmp_path):
                            for w in server.api("GET", "/api/pool/list").json()["workers"]), 30, "the GPU idle again")
 
 
-def test_with_api_token_set_nothing_is_shown_without_the_token(stack, page, tmp_path):
+def test_with_api_token_set_nothing_is_shown_without_the_token(page, stack, tmp_path):
     guarded, gpu_id = stack["guarded"], stack["gpu_id"]
     tag = new_tag_with_token(guarded)
     assert guarded.api("GET", "/api/pool/list").status_code == 401
@@ -365,6 +377,38 @@ def new_tag_with_token(server: Server) -> str:
     response = server.api("POST", "/api/experiment/setup", token=TOKEN, json={"tag": tag, "profile": "tiny"})
     assert response.status_code == 200
     return tag
+
+
+# --- the numbers behind the pages -------------------------------------------------------------
+
+def test_overview_numbers_count_live_experiments_and_verdicts_per_gpu_hour(settings, database_url):
+    client = create_app(settings).test_client()
+
+    def post(path: str, body: dict) -> dict:
+        response = client.post(path, json=body)
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()
+
+    tag = f"numbers{uuid.uuid4().hex[:6]}"
+    post("/api/experiment/setup", {"tag": tag, "profile": "tiny"})
+    manual_results(post, database_url, tag, [("optimizer", 1.3), ("optimizer", 1.2), ("other", None), ("other", 1.4)])
+    post("/api/experiment/register", registration(tag, description="still training"))
+    row = next(t for t in client.get("/api/report/overview").get_json()["tags"] if t["name"] == tag)
+    assert (row["total_experiments"], row["kept_experiments"], row["crashed_experiments"]) == (4, 2, 1)
+    assert row["running"] == 1 and row["queued"] == 0 and row["verdicts"] == 4
+    # GPU time is what the runs held from claim to end: the running one holds on and is not counted yet.
+    with transaction(database_url) as session:
+        held = session.scalar(text(
+            "SELECT sum(extract(epoch FROM r.finished_at - r.claimed_at)) FROM runs r "
+            "JOIN experiments e ON e.id = r.experiment_id WHERE e.tag = :tag"), {"tag": tag})
+    assert row["gpu_hours"] == pytest.approx(float(held) / 3600) and row["gpu_hours"] > 0
+    assert row["experiments_per_gpu_hour"] == pytest.approx(4 / row["gpu_hours"])
+    assert set(row["noise"]) == {"sigma", "runs"}
+
+    points = client.get(f"/api/report/progress?tag={tag}").get_json()["points"]
+    assert [(p["status"], p["val_bpb"], p["best"]) for p in points] == [
+        ("keep", 1.3, 1.3), ("keep", 1.2, 1.2), ("crash", None, 1.2), ("discard", 1.4, 1.2)]
+    assert client.get("/api/report/progress?tag=nosuchtag").status_code == 404
 
 
 # --- the morning report -----------------------------------------------------------------------

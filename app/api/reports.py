@@ -48,7 +48,8 @@ def progress(session, body: schemas.TagQuery):
     return {"tag": body.tag, "points": svc.progress_points(session, tag=body.tag)}
 
 
-@endpoint(bp, "/api/report/throughput", "GET", summary="Per tag: verdicts, GPU-hours and experiments per GPU-hour",
-          response_model=schemas.ThroughputPublic)
-def throughput(session, body):
-    return svc.throughput(session)
+@endpoint(bp, "/api/report/overview", "GET",
+          summary="Every tag with its counts, live experiments, noise floor, GPU-hours and experiments per GPU-hour",
+          response_model=schemas.OverviewPublic)
+def overview(session, body):
+    return svc.overview(session)

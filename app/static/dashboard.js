@@ -252,10 +252,11 @@ const Dash = (() => {
 
   // Series styles: dots only, or a line (stepped for a running best).
   const dots = (label, colour) => ({ label, stroke: colour, fill: colour, paths: () => null, points: { show: true, size: 7, fill: colour } });
-  // uPlot draws a line's points by itself when they are sparse, so a one-point curve still shows.
+  // uPlot draws a curve's points by itself when they are sparse, so a one-point curve still
+  // shows; a stepped running best has its points drawn by the series it summarises.
   const line = (label, colour, stepped) => ({
     label, stroke: colour, width: 2, spanGaps: true,
-    ...(stepped ? { paths: uPlot.paths.stepped({ align: 1 }) } : {}),
+    ...(stepped ? { paths: uPlot.paths.stepped({ align: 1 }), points: { show: false } } : {}),
   });
 
   installTokenForm();  // this script runs at the end of <body>: the form exists

@@ -55,16 +55,13 @@
     el("a", { href: `/tag/${encodeURIComponent(name)}${status ? `?status=${status}` : ""}` }, count);
 
   async function refreshTags() {
-    const [tags, throughput] = await Promise.all([api("/api/report/tags"), api("/api/report/throughput")]);
-    const summaries = await Promise.all(tags.tags.map((t) => api("/api/report/summary", { tag: t.name })));
-    const rates = new Map(throughput.tags.map((row) => [row.tag, row]));
-    const body = document.querySelector("#tags tbody");
-    body.replaceChildren(...tags.tags.map((tag, i) => tagRow(tag, summaries[i], rates.get(tag.name))));
-    document.getElementById("tags-empty").hidden = tags.tags.length > 0;
+    const tags = (await api("/api/report/overview")).tags;
+    document.querySelector("#tags tbody").replaceChildren(...tags.map(tagRow));
+    document.getElementById("tags-empty").hidden = tags.length > 0;
   }
 
-  function tagRow(tag, summary, rate) {
-    const noise = summary.noise;
+  function tagRow(tag) {
+    const noise = tag.noise;
     return el("tr", { dataset: { tag: tag.name } },
       el("td", {}, tagLink(tag.name)),
       el("td", {}, tag.profile),
@@ -73,12 +70,11 @@
       el("td", { class: "num" }, filtered(tag.name, "keep", tag.kept_experiments)),
       el("td", { class: "num" }, filtered(tag.name, "discard", tag.discarded_experiments)),
       el("td", { class: "num" }, filtered(tag.name, "crash", tag.crashed_experiments)),
-      el("td", { class: "num" }, filtered(tag.name, "running", summary.stats.running ?? 0)),
-      el("td", { class: "num" }, filtered(tag.name, "queued", summary.stats.queued ?? 0)),
-      el("td", { class: "num" }, noise && noise.sigma !== null && noise.sigma !== undefined
-        ? `${fixed(noise.sigma, 6)} (${noise.runs} runs)` : "not measured"),
-      el("td", { class: "num" }, rate ? fixed(rate.gpu_hours, 2) : "0.00"),
-      el("td", { class: "num" }, rate && rate.experiments_per_gpu_hour !== null ? fixed(rate.experiments_per_gpu_hour, 1) : "—"),
+      el("td", { class: "num running" }, filtered(tag.name, "running", tag.running)),
+      el("td", { class: "num" }, filtered(tag.name, "queued", tag.queued)),
+      el("td", { class: "num" }, noise.sigma === null ? "not measured" : `${fixed(noise.sigma, 6)} (${noise.runs} runs)`),
+      el("td", { class: "num" }, fixed(tag.gpu_hours, 3)),
+      el("td", { class: "num" }, tag.experiments_per_gpu_hour === null ? "—" : fixed(tag.experiments_per_gpu_hour, 1)),
     );
   }
 

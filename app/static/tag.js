@@ -159,6 +159,7 @@
       ["high yield", suggestion.high_yield_categories.join(", ") || "—"],
     ]);
     document.getElementById("suggestions").replaceChildren(...suggestion.suggestions.map((s) => el("li", {}, s)));
+    document.getElementById("near-misses-empty").hidden = nearMisses.near_misses.length > 0;
     document.querySelector("#near-misses tbody").replaceChildren(...nearMisses.near_misses.map((m) => el("tr", {},
       el("td", {}, experimentLink(m.experiment_id)),
       el("td", { class: "num" }, bpb(m.val_bpb)),
