@@ -293,6 +293,7 @@ def test_experiment_page_shows_the_diffs_and_the_live_curve(page, stack, tmp_pat
     stored = page.locator("#loss-chart")
     expect(stored.locator("canvas")).to_have_count(1)
     assert int(stored.get_attribute("data-points")) == sum(len(run["curve"] or []) for run in finished["runs"]) > 0
+    expect(page.locator("#log")).to_contain_text("val_bpb:")
     screenshot(page, tmp_path, "experiment-finished")
     child_source = slow_progress_script(every_s=0.25)
     child = submit(server, tag, child_source, "the child", parent_id=parent)
