@@ -15,7 +15,7 @@ from conftest_data import tiny_cache  # noqa: F401  (a prepared tiny cache, for 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from app.config import load_settings
+from app.config import database_url_from, load_settings
 from app.db import forget_engines, transaction
 from app.migrate import upgrade
 from app.models import Base
@@ -42,7 +42,8 @@ def service_urls():
     """(postgres server URL, redis URL): TEST_DATABASE_URL / TEST_REDIS_URL, the local servers,
     or embedded ones started for this test session."""
     stops = []
-    postgres = os.environ.get("TEST_DATABASE_URL")
+    given = os.environ.get("TEST_DATABASE_URL")
+    postgres = database_url_from(given, "TEST_DATABASE_URL") if given else None  # postgres:// works too
     if not postgres:
         if _answers("127.0.0.1", 5432):
             postgres = LOCAL_POSTGRES

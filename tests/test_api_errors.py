@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 
 import pytest
 from conftest_data import registration
@@ -237,6 +238,7 @@ UNSAFE_TAGS = [
     "a\\b",
     "a@{b",
     "\u00fc",
+    "newline-at-the-end\n",  # matched whole: a `$` would let it through
 ]
 
 
@@ -400,3 +402,88 @@ def test_bearer_token_required_when_api_token_is_set(settings, db):
 
 def test_no_token_needed_when_api_token_is_unset(client):
     assert client.post("/api/experiment/setup", json={"tag": TAG}).status_code == 200
+
+
+# --- bytes that are not text ------------------------------------------------------------------
+# (Percent-escapes that are not UTF-8 cannot be sent through the test client, which replaces
+# them; tests/test_api_service.py sends them byte for byte to the served API.)
+
+
+def test_a_non_ascii_authorization_header_is_400_not_500(settings, db):
+    from app.web import create_app
+
+    client = create_app(dataclasses.replace(settings, api_token="s3cret")).test_client()
+    for value in ("Bearer s3cr\u00e9t", "Bearer \u00ff"):
+        response = client.get("/api/pool/list", headers={"Authorization": value})
+        assert response.status_code == 400 and "Authorization" in response.get_json()["error"]
+    assert client.get("/api/pool/list", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_a_nul_in_the_path_is_400(client, db, world):
+    for path in ("/api/experiment/%00", "/api/experiment/exp-%00/log"):
+        assert "NUL" in rejected(client, db, world, "GET", path, 400)["error"]
+
+
+def test_a_query_string_that_is_not_utf8_is_400(client, db, world):
+    # The test client passes a raw query string through unchanged.
+    assert "UTF-8" in rejected(client, db, world, "GET", "/api/report/plot", 400, query_string="tag=%ff")["error"]
+
+
+# --- database outage ------------------------------------------------------------------------
+
+OUTAGE_REQUESTS = [
+    ("GET", "/api/experiment/exp-1", None),
+    ("GET", "/api/experiment/exp-1/log", None),
+    ("GET", "/api/pool/list", None),
+    ("GET", "/api/report/tags", None),
+    ("GET", "/api/report/plot?tag=mar11", None),
+    ("POST", "/api/experiment/setup", {"tag": TAG}),
+    ("POST", "/api/experiment/register", registration(TAG)),
+    ("POST", "/api/experiment/complete", {"experiment_id": "exp-1", "val_bpb": 1.0}),
+    ("POST", "/api/experiment/submit", registration(TAG, train_py="print(1)")),
+    ("POST", "/api/experiment/wait", {"experiment_id": "exp-1", "timeout_s": 1}),
+    ("POST", "/api/experiment/cancel", {"experiment_id": "exp-1"}),
+    ("POST", "/api/search/suggest", {"tag": TAG}),
+    ("POST", "/api/pool/heartbeat", {"gpu_id": "gpu0"}),
+    ("POST", "/api/report/summary", {"tag": TAG}),
+]
+
+
+def test_a_database_outage_is_503_json_with_one_log_line(settings, db, caplog):
+    from app.embedded import free_port
+    from app.web import create_app
+
+    dead = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/autoresearch"
+    client = create_app(dataclasses.replace(settings, database_url=dead)).test_client()
+    with transaction(db) as session:  # this process starts with the database reachable
+        session.execute(text("SELECT 1"))
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        for method, path, body in OUTAGE_REQUESTS:
+            response = client.open(path, method=method, json=body)
+            assert response.status_code == 503, (path, response.get_data(as_text=True))
+            assert response.get_json() == {"error": "the database is unreachable; retry shortly"}
+            assert response.headers["Retry-After"] == "5"
+    assert client.get("/health").status_code == 503
+    outage_lines = [r.getMessage() for r in caplog.records if "database unreachable" in r.getMessage()]
+    assert len(outage_lines) == 1 and "Connection refused" in outage_lines[0], outage_lines
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+    with transaction(db) as session:  # a server answers again
+        session.execute(text("SELECT 1"))
+    assert len([r for r in caplog.records if "reachable again" in r.getMessage()]) == 1
+
+
+def test_a_failing_statement_is_not_an_outage(db):
+    """Only a server that cannot serve is an outage (503); a query failing on a working one is not."""
+    from sqlalchemy.exc import DBAPIError
+
+    from app.db import is_outage
+
+    try:
+        with transaction(db) as session:
+            session.execute(text("SELECT 1/0"))
+    except DBAPIError as exc:
+        assert not is_outage(exc)
+    else:
+        raise AssertionError("division by zero passed")

@@ -10,16 +10,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from flask import Blueprint, Flask, current_app, jsonify, request
 from flask import Response as FlaskResponse
 from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from app.db import transaction
+from app.db import is_outage, transaction
 from app.errors import DomainError, InvalidInput
 
 log = logging.getLogger(__name__)
+# Headers whose value the API reads as text. Others pass untouched: a browser sends the cookies
+# of every localhost port, whatever bytes another app put in them.
+TEXT_HEADERS = ("Authorization",)
+RETRY_AFTER_S = 5  # what a 503 asks a client to wait before it tries again
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,29 @@ def error_body(status: int, message: str, **details) -> FlaskResponse:
     return response
 
 
+def undecodable_request() -> FlaskResponse | None:
+    """A 400 for bytes that are not text where the API reads text: a path or query string that
+    is not UTF-8 once its percent-escapes are decoded (werkzeug would put U+FFFD in their place),
+    a NUL in the path (Postgres text cannot hold one), a TEXT_HEADERS value that is not ASCII."""
+    environ = request.environ
+    try:
+        # WSGI hands over the request's bytes as latin-1 strings; the query is still percent-encoded.
+        path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+        unquote_to_bytes(environ.get("QUERY_STRING", "").encode("latin-1")).decode("utf-8")
+    except UnicodeError:
+        return error_body(400, "the URL is not UTF-8 text (its percent-escapes must encode UTF-8)")
+    if "\x00" in path:
+        return error_body(400, "the path must not contain NUL (%00)")
+    for name in TEXT_HEADERS:
+        if not request.headers.get(name, "").isascii():
+            return error_body(400, f"the {name} header must be ASCII")
+    return None
+
+
 def install_error_handlers(app: Flask) -> None:
+    # First of all hooks: the token check compares the Authorization header as text.
+    app.before_request_funcs.setdefault(None, []).insert(0, undecodable_request)
+
     @app.errorhandler(DomainError)
     def domain_error(exc: DomainError):
         return error_body(exc.status, exc.message, **exc.details)
@@ -161,3 +189,12 @@ def install_error_handlers(app: Flask) -> None:
     def unexpected(exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_body(500, f"internal error: {type(exc).__name__}")
+
+    @app.errorhandler(DBAPIError)
+    def database_error(exc: DBAPIError):
+        if not is_outage(exc):
+            return unexpected(exc)
+        # Logged once per outage where it was met (app.db.transaction), not once per request.
+        response = error_body(503, "the database is unreachable; retry shortly")
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response

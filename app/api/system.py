@@ -8,6 +8,7 @@ from sqlalchemy import text
 
 from app import schemas
 from app.api import ENDPOINTS, settings
+from app.broker import ping_broker
 from app.db import transaction
 
 bp = Blueprint("system", __name__)
@@ -32,10 +33,8 @@ def health():
 
 
 def broker_health() -> str:
-    import redis
-
     try:
-        redis.Redis.from_url(settings().broker_url, socket_connect_timeout=1, socket_timeout=1).ping()
+        ping_broker(settings().broker_url, timeout_s=1)
         return "ok"
     except Exception as exc:
         return f"unreachable: {type(exc).__name__}"
