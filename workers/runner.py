@@ -18,7 +18,6 @@ Why it is built this way (see shared/notes/celery.md, "The training subprocess")
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -30,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.process_groups import group_alive, parent_death_signal
 from workers.progress import last_progress, parse_summary
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,6 @@ LOG_TAIL_CHARS = 4000  # size of RunResult.log_tail
 SUMMARY_SCAN_BYTES = 64 * 1024  # the summary block is searched for in this much of the log end
 PROGRESS_SCAN_BYTES = 1024 * 1024  # at most this much new output is scanned per poll
 ERROR_LINES = 30  # lines kept in RunResult.error when no traceback is found
-
-# Linux prctl option (from <linux/prctl.h>): signal sent to us when our parent thread dies.
-PR_SET_PDEATHSIG = 1
 
 STATUSES = ("finished", "failed", "timeout", "cancelled")
 
@@ -111,7 +108,7 @@ def run_training(
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    preexec_fn=_pdeathsig_preexec(),
+                    preexec_fn=parent_death_signal(signal.SIGKILL),
                 )
             reader = _LogFollower(log_path)
             while True:
@@ -303,66 +300,11 @@ def _wait_group_gone(proc: subprocess.Popen, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while True:
         # Reaping the leader matters: an unreaped zombie keeps the group id in use.
-        if proc.poll() is not None and not _group_alive(proc.pid):
+        if proc.poll() is not None and not group_alive(proc.pid):
             return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(GROUP_POLL_S)
-
-
-def _group_alive(pgid: int) -> bool:
-    """True while a process of the group is alive (zombies do not count)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # killpg() also succeeds when only zombies are left: orphaned grandchildren are reparented
-    # to PID 1, and not every container's PID 1 reaps them. They hold no memory, so on Linux
-    # look at /proc and count only members that are not zombies.
-    if not os.path.isdir("/proc/self"):
-        return True
-    return _group_has_live_member(pgid)
-
-
-def _group_has_live_member(pgid: int) -> bool:
-    with os.scandir("/proc") as entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:  # exited while we looked
-                continue
-            # Fields after the command name, which is in parentheses and may contain spaces:
-            # state, ppid, pgrp, ...
-            fields = stat[stat.rfind(b")") + 2 :].split()
-            if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-                return True
-    return False
-
-
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child get SIGKILL when the worker dies (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        # Loaded here, in the parent: after fork the child should only call, not load.
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent_pid = os.getpid()
-    sigkill = int(signal.SIGKILL)
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
-        # The parent may have died between fork and prctl; then no signal would ever come.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
 
 
 @contextlib.contextmanager
