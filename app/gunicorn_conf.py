@@ -22,15 +22,24 @@ def post_worker_init(worker) -> None:
 
 def wait_for_postgres(connection) -> None:
     """Drive one psycopg2 operation to its end, yielding to other greenlets while the server works."""
+    # Imported in the worker, after gevent patched it: gunicorn's master loads this module first,
+    # and locks made there before the patching would not be gevent's.
     from gevent.socket import wait_read, wait_write
 
+    from app.db import CONNECT_TIMEOUT_S
+
+    # libpq enforces connect_timeout only on connections it drives itself, so this does: a
+    # server that drops packets is then an outage (503) in seconds, not after TCP's minutes.
+    connecting = connection.status == extensions.STATUS_SETUP
+    timeout = CONNECT_TIMEOUT_S if connecting else None
+    timed_out = psycopg2.OperationalError(f"timeout expired (no answer in {CONNECT_TIMEOUT_S} s)")
     while True:
         state = connection.poll()
         if state == extensions.POLL_OK:
             return
         if state == extensions.POLL_READ:
-            wait_read(connection.fileno())
+            wait_read(connection.fileno(), timeout=timeout, timeout_exc=timed_out)
         elif state == extensions.POLL_WRITE:
-            wait_write(connection.fileno())
+            wait_write(connection.fileno(), timeout=timeout, timeout_exc=timed_out)
         else:
             raise psycopg2.OperationalError(f"unexpected psycopg2 poll state {state}")

@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, text
 from test_workers import wait_until
 
 from app import embedded
+from app.db import CONNECT_TIMEOUT_S
 from app.migrate import upgrade
 from app.stack import FLOWER_USER, Stack, wait_for_http
 
@@ -43,7 +44,7 @@ def served(settings, tmp_path: Path, **changes):
     try:
         stack.start_api()
         url = f"http://127.0.0.1:{settings.api_port}"
-        wait_for_http(f"{url}/health")
+        wait_for_http(f"{url}/openapi.json")  # answers without the database, which some tests take away
         yield url, stack.log_dir / "api.log"
     finally:
         stack.stop_all()
@@ -189,6 +190,20 @@ def test_a_database_outage_is_503_json_on_every_path_and_one_log_line(settings, 
     # One line per outage in each API worker process that met it (`up` starts two), not one per request.
     assert 1 <= log.count("database unreachable (") <= 2, log
     assert 1 <= log.count("database reachable again") <= log.count("database unreachable ("), log
+
+
+def test_a_database_that_never_answers_is_a_503_after_the_connect_timeout(settings, db, tmp_path):
+    """A server that takes the connection and says nothing (a host gone behind a firewall that
+    drops packets looks the same to libpq): requests end in 503, not in TCP's minutes."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # the kernel completes each handshake; nobody ever reads or answers
+        mute = f"postgresql+psycopg2://postgres@127.0.0.1:{silent.getsockname()[1]}/autoresearch"
+        with served(settings, tmp_path, database_url=mute) as (url, _):
+            for path in ("/api/experiment/exp-1", "/health"):
+                response, seconds = timed(requests.get, f"{url}{path}")
+                assert response.status_code == 503, response.text
+                assert CONNECT_TIMEOUT_S <= seconds < CONNECT_TIMEOUT_S + 10, (path, seconds)
 
 
 def raw_request(port: int, request: bytes) -> tuple[bytes, bytes]:
