@@ -28,9 +28,15 @@ def producer(broker_url: str) -> Celery:
 
 
 def send_all(dispatches: list[Dispatch], broker_url: str) -> None:
-    for dispatch in dispatches:
-        producer(broker_url).send_task(TRAIN_TASK, args=[dispatch.run_id], task_id=dispatch.task_id,
-                                       queue=dispatch.queue)
+    if not dispatches:
+        return
+    app = producer(broker_url)
+    # The connection names the URL itself: Celery lets CELERY_BROKER_URL in the environment win
+    # over a configured broker_url, and this must go where it was told even when the two differ.
+    with app.connection_for_write(broker_url) as connection:
+        for dispatch in dispatches:
+            app.send_task(TRAIN_TASK, args=[dispatch.run_id], task_id=dispatch.task_id, queue=dispatch.queue,
+                          connection=connection)
 
 
 def task_ids_in_broker(broker_url: str) -> set[str]:

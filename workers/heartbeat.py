@@ -14,10 +14,12 @@ import logging
 import os
 import signal
 import socket
+import threading
 import uuid
 
 import psutil
 from celery import bootsteps
+from celery.signals import worker_shutting_down
 
 from app.config import load_settings
 from app.db import transaction
@@ -33,7 +35,26 @@ log = logging.getLogger(__name__)
 # pool forks, so the pool children claim runs under the same token that the parent renews; a
 # restarted worker has another, and so can tell its predecessor's runs from its own.
 INCARNATION = uuid.uuid4().hex
-HANDBACK_WAIT_S = 30.0  # how long a shutdown waits for the pool child to hand its run back
+HANDBACK_WAIT_S = 10.0  # how long a shutdown waits for the pool child to hand its run back
+# Set in the parent as soon as a shutdown begins: from then on the worker takes no run and a
+# heartbeat does not put it back into the pool.
+SHUTTING_DOWN = threading.Event()
+
+
+@worker_shutting_down.connect
+def _leave_the_pool(**_):
+    """The first thing a shutdown does: leave the pool, so that no pool child claims another run
+    (a message it receives now goes back to the queue) while the current one is handed back."""
+    SHUTTING_DOWN.set()
+    settings = load_settings()
+    holder = identity(settings)
+    if holder is None:
+        return
+    try:
+        with transaction(settings.database_url) as session:
+            pool.deregister_if_present(session, gpu_id=holder.gpu_id)
+    except Exception:
+        log.exception("could not take %s out of the pool", holder.gpu_id)
 
 
 def identity(settings) -> lifecycle.Holder | None:
@@ -91,8 +112,10 @@ class Heartbeat(bootsteps.StartStopStep):
                 lifecycle.renew_leases(session, holder=self.holder, lease_s=self.settings.lease_s)
                 pool.heartbeat(session, gpu_id=self.holder.gpu_id, telemetry=probe(self.holder.gpu_index))
         except NotFound:
-            # Someone deregistered us (an operator, a test); a live worker belongs in the pool.
-            self.register()
+            # Someone deregistered us (an operator, a test); a live worker belongs in the pool,
+            # unless it is shutting down.
+            if not SHUTTING_DOWN.is_set():
+                self.register()
         except Exception:
             # A database blip must not kill the timer; the next beat tries again.
             log.exception("heartbeat of %s failed", self.holder.gpu_id)
@@ -106,15 +129,16 @@ class Heartbeat(bootsteps.StartStopStep):
         self.hand_back()
         try:
             with transaction(self.settings.database_url) as session:
-                pool.deregister(session, gpu_id=self.holder.gpu_id)
+                pool.deregister_if_present(session, gpu_id=self.holder.gpu_id)
             log.info("deregistered %s", self.holder.gpu_id)
         except Exception:
             log.exception("deregistering %s failed", self.holder.gpu_id)
 
     def hand_back(self):
         """A clean shutdown charges no attempt: the pool child, told by SIGTERM, stops train.py
-        and releases its run. A run is released here only once no pool child is left that could
-        still be training it."""
+        and releases its run (workers.training). The parent never releases a run itself, since it
+        cannot know that train.py has stopped; a child that fails to hand back leaves a lease to
+        expire."""
         try:
             with transaction(self.settings.database_url) as session:
                 held = lifecycle.held_runs(session, holder=self.holder)
@@ -129,13 +153,5 @@ class Heartbeat(bootsteps.StartStopStep):
                 child.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(children, timeout=HANDBACK_WAIT_S)
-        if alive:
-            log.warning("the pool child did not stop; the lease of %s will expire", ", ".join(held))
-            return
-        with transaction(self.settings.database_url) as session:
-            outcomes = [lifecycle.lose_run(session, run_id=run_id, token=self.holder.token, policy=self.policy,
-                                           charge=False, reason=f"handed back: {self.holder.gpu_id} shut down")
-                        for run_id in lifecycle.held_runs(session, holder=self.holder)]
-        send_all([d for o in outcomes for d in o.dispatches], self.settings.broker_url)
-        log.info("handed back %s", ", ".join(held))
+        psutil.wait_procs(children, timeout=HANDBACK_WAIT_S)
+        log.info("asked %d pool process(es) to hand back %s", len(children), ", ".join(held))

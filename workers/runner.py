@@ -322,8 +322,12 @@ def _sigterm_raises_system_exit() -> Iterator[None]:
         yield
         return
 
+    received = False
+
     def handler(signum: int, frame: object) -> None:
         # A second SIGTERM must not interrupt the cleanup the first one started.
+        nonlocal received
+        received = True
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
@@ -331,4 +335,7 @@ def _sigterm_raises_system_exit() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # After a SIGTERM the process is on its way out and stays deaf to more of them: the
+        # caller's own cleanup (handing the run back) must not be cut short by a second one.
+        if not received:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 
+from celery.exceptions import Reject
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.config import PROJECT_ROOT, Settings
@@ -81,8 +82,11 @@ def train(run_id: str, *, settings: Settings, redelivered: bool = False) -> dict
     if holder is None:
         raise RuntimeError("this worker has no GPU identity; start it with `autoresearch worker --gpu N`")
     policy = lifecycle.Policy.from_settings(settings)
-    with transaction(settings.database_url) as session:
-        claim = lifecycle.claim(session, run_id=run_id, holder=holder, lease_s=settings.lease_s)
+    try:
+        with transaction(settings.database_url) as session:
+            claim = lifecycle.claim(session, run_id=run_id, holder=holder, lease_s=settings.lease_s)
+    except lifecycle.Draining as exc:
+        raise Reject(str(exc), requeue=True) from None
     if claim is None:
         log.info("run %s is not queued any more (redelivered=%s); skipping", run_id, redelivered)
         return {"run_id": run_id, "status": "skipped"}

@@ -275,9 +275,15 @@ class Claim:
     train_py: str
 
 
+class Draining(Exception):
+    """The worker left the pool (it is shutting down) and must not take a run: the message goes
+    back to the queue for another worker."""
+
+
 def claim(session: Session, *, run_id: str, holder: Holder, lease_s: float) -> Claim | None:
     """Take a queued run under a lease. A redelivered or duplicate message, or one for a run that
-    was cancelled or superseded, finds nothing to take and never trains anything."""
+    was cancelled or superseded, finds nothing to take and never trains anything. Only a worker
+    registered in the pool takes runs: one that deregistered to shut down raises Draining."""
     row = session.execute(
         text(
             """
@@ -287,15 +293,18 @@ def claim(session: Session, *, run_id: str, holder: Holder, lease_s: float) -> C
             FROM experiments e JOIN tags t ON t.name = e.tag
             WHERE r.id = :run_id AND r.status = :queued AND e.id = r.experiment_id AND NOT e.cancel_requested
                   AND e.status = ANY(:live)
+                  AND EXISTS (SELECT 1 FROM gpus g WHERE g.id = :gpu_id AND g.kind = :worker_gpu)
             RETURNING r.id, r.experiment_id, r.attempt, r.seed, e.tag, t.profile, e.train_py
             """
         ),
         {"running": RUNNING, "queued": QUEUED, "gpu_id": holder.gpu_id, "gpu_index": holder.gpu_index,
          "token": holder.token,
          "gpu_model": holder.gpu_model, "host": holder.host, "lease_s": lease_s, "run_id": run_id,
-         "live": list(LIVE_STATUSES)},
+         "live": list(LIVE_STATUSES), "worker_gpu": WORKER_GPU},
     ).one_or_none()
     if row is None:
+        if session.get(Gpu, holder.gpu_id) is None:
+            raise Draining(f"{holder.gpu_id} is not in the pool (shutting down); the run stays queued")
         return None
     move_experiment(session, row.experiment_id, RUNNING, only_from=[QUEUED],
                     started_at=func.coalesce(Experiment.started_at, func.now()))
@@ -435,7 +444,8 @@ def lose_run(session: Session, *, run_id: str, reason: str, policy: Policy, toke
         return Outcome(status="missing")
     tag, experiment = _locked_experiment(session, experiment_id)
     run = session.scalars(select(Run).where(Run.id == run_id).execution_options(populate_existing=True)).one()
-    ended = RELEASED if not charge else LOST
+    # A run whose cancel was asked for is cancelled, whoever ends it; else lost or handed back.
+    ended = CANCELLED if experiment.cancel_requested else LOST if charge else RELEASED
     if not move_run(session, run_id, ended, token=token, only_from=[RUNNING], error=reason,
                     finished_at=func.clock_timestamp(), lease_expires_at=None):
         return Outcome(status="unchanged")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -86,6 +86,10 @@ def heartbeat(session: Session, *, gpu_id: str, telemetry: dict | None = None) -
 def deregister(session: Session, *, gpu_id: str) -> None:
     session.delete(get_gpu(session, gpu_id, lock=True))
     session.flush()
+
+
+def deregister_if_present(session: Session, *, gpu_id: str) -> None:
+    session.execute(delete(Gpu).where(Gpu.id == gpu_id))
 
 
 def mark_stale_offline(session: Session, *, stale_after: float) -> list[Gpu]:
