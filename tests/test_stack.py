@@ -6,6 +6,7 @@ and looks at the machine's process table (psutil) for what is left."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -308,3 +309,80 @@ def test_two_stacks_with_embedded_servers_run_side_by_side(scratch, tiny_cache):
             kill_leftovers(state, ups[name], *([again] if again and name == "a" else []))
             embedded._stop_postgres(state / "postgres", embedded._postgres_account())
             embedded._stop_redis(state / "redis")
+
+
+def submit_timed_run(env: dict[str, str], seconds: float) -> str:
+    """A train.py that trains for `seconds` (progress lines, then the summary): returns its id."""
+    from test_lifecycle import exclusive_script
+
+    tag = f"stack-{uuid.uuid4().hex[:8]}"
+    lock_dir = Path(tempfile.mkdtemp(prefix="ar-lock-"))
+    os.chmod(lock_dir, 0o777)  # a sandboxed train.py may run as another user
+    assert requests.post(f"{api(env)}/api/experiment/setup", json={"tag": tag, "profile": "tiny"},
+                         timeout=10).status_code == 200
+    response = requests.post(f"{api(env)}/api/experiment/submit",
+                             json=registration(tag, train_py=exclusive_script(lock_dir, seconds)), timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()["experiment_id"]
+
+
+def experiment(env: dict[str, str], experiment_id: str) -> dict:
+    return requests.get(f"{api(env)}/api/experiment/{experiment_id}", timeout=10).json()
+
+
+def wait_status(env: dict[str, str], experiment_id: str, statuses: tuple[str, ...], timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = experiment(env, experiment_id)
+        if record["status"] in statuses and (statuses != ("running",) or record["progress"]):
+            return record
+        time.sleep(0.5)
+    raise AssertionError(f"{experiment_id} not {statuses} within {timeout_s:.0f}s: {record['status']}")
+
+
+@pytest.mark.parametrize("victims", ["every process of the stack", "the GPU worker"])
+def test_a_run_interrupted_by_sigkill_finishes_after_up_restarts_within_5s(victims, scratch, throwaway_database,
+                                                                           redis_url, tiny_cache):
+    """SIGKILL of every process of the stack (up, guard, API, beat, workers, train.py), or of the
+    GPU worker alone (up then stops the rest); `up` again within 5 s. The run ends final within
+    one STALE_AFTER plus one sweep after the restart, trained once at a time, recorded once."""
+    state = scratch / "state"
+    env = external_env(state, tiny_cache, throwaway_database, redis_url)
+    log = scratch / "up.log"
+    up = start_up(env, log)
+    again = None
+    try:
+        wait_healthy(up, env, log)
+        experiment_id = submit_timed_run(env, seconds=6)
+        wait_status(env, experiment_id, ("running",), 60)
+        stack = tree(up.pid)
+        if victims == "every process of the stack":
+            for process in stack:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+        else:
+            worker = next(p for p in stack if "worker" in p.cmdline() and any("gpu." in a for a in p.cmdline()))
+            worker.kill()
+        up.wait(timeout=GONE_TIMEOUT_S)
+        assert not wait_gone(stack), describe(wait_gone(stack, 0))
+        time.sleep(2)
+
+        log = scratch / "up-again.log"
+        again = start_up(env, log)
+        wait_healthy(again, env, log)
+        restarted = time.monotonic()
+        record = wait_status(env, experiment_id, ("keep", "discard", "crash", "timeout", "cancelled"),
+                             float(env["STALE_AFTER"]) + 60)
+        assert time.monotonic() - restarted < float(env["STALE_AFTER"]) + 60
+        assert record["status"] == "keep", record
+        assert "TRAINED TWICE" not in (record["error"] or "")
+        # `up` runs a tag's first experiment BASELINE_RUNS times: each replicate finished once.
+        replicates = {r["replicate"] for r in record["runs"]}
+        for replicate in replicates:
+            statuses = [r["status"] for r in record["runs"] if r["replicate"] == replicate]
+            assert statuses.count("finished") == 1 and statuses[-1] == "finished", record["runs"]
+        assert "lost" in [r["status"] for r in record["runs"]] or victims == "the GPU worker"
+        stop_up(again)
+        assert again.returncode == 0
+    finally:
+        kill_leftovers(state, up, *([again] if again else []))
