@@ -1,4 +1,6 @@
-"""The progress plot, as autoresearch draws it: every experiment a dot, the running best a step line."""
+"""The progress plot, as autoresearch draws it, with the runs behind each score: every run a small
+dot, each experiment's mean a large one, the running best a step line inside its uncertainty band
+(the standard error of the best's mean)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ def progress_png(tag: str, points: list[dict]) -> bytes:
 
     fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
     scored = [p for p in points if p["val_bpb"] is not None and p["status"] in COLORS]
+    replicated = [(p["n"], value) for p in scored if len(p.get("runs", ())) > 1 for value in p["runs"]]
+    if replicated:
+        ax.scatter([n for n, _ in replicated], [v for _, v in replicated], s=8, color="#616161", alpha=0.5,
+                   label="single runs", zorder=2)
     for status, color in COLORS.items():
         chosen = [p for p in scored if p["status"] == status]
         ax.scatter([p["n"] for p in chosen], [p["val_bpb"] for p in chosen], s=28, color=color,
@@ -32,6 +38,12 @@ def progress_png(tag: str, points: list[dict]) -> bytes:
         xs = [p["n"] for p in best] + ([points[-1]["n"]] if points[-1]["n"] != best[-1]["n"] else [])
         ys = [p["best"] for p in best] + ([best[-1]["best"]] if len(xs) > len(best) else [])
         ax.step(xs, ys, where="post", color=COLORS["keep"], linewidth=1.5, label="running best")
+        errors = [p["best_stderr"] or 0.0 for p in best] + ([best[-1]["best_stderr"] or 0.0] if len(xs) > len(best)
+                                                            else [])
+        if any(errors):
+            ax.fill_between(xs, [y - e for y, e in zip(ys, errors, strict=True)],
+                            [y + e for y, e in zip(ys, errors, strict=True)], step="post", color=COLORS["keep"],
+                            alpha=0.15, label="best ± its standard error")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("experiment #")
     ax.set_ylabel("val_bpb (lower is better)")

@@ -409,6 +409,8 @@ class ProgressPoint(Response):
     status: str
     description: str
     best: float | None = Field(description="the running best after this result")
+    best_stderr: float | None = Field(default=None, description="standard error of that best's mean")
+    runs: list[float] = Field(default_factory=list, description="val_bpb of each finished run behind val_bpb")
 
 
 class ProgressPublic(Response):

@@ -14,7 +14,9 @@ from app.models import (
     CRASH,
     DISCARD,
     FAILED_STATUSES,
+    FINISHED,
     KEEP,
+    PRUNED,
     QUEUED,
     RUNNING,
     Experiment,
@@ -161,19 +163,23 @@ def active_tags(session: Session, *, within_hours: float = 24) -> list[str]:
 
 
 def progress_points(session: Session, *, tag: str) -> list[dict]:
-    """Every finished experiment in completion order, with the running best at that point."""
+    """Every finished experiment in completion order: its mean, each of its runs, and the running
+    best at that point with the standard error of the best's mean (sigma / sqrt(runs))."""
     get_tag(session, tag)
-    rows = session.execute(
-        select(Experiment.id, Experiment.val_bpb, Experiment.status, Experiment.description)
-        .where(Experiment.tag == tag, Experiment.status.in_((KEEP, DISCARD, *FAILED_STATUSES)))
+    experiments = session.scalars(
+        select(Experiment)
+        .where(Experiment.tag == tag, Experiment.status.in_((KEEP, DISCARD, PRUNED, *FAILED_STATUSES)))
         .order_by(Experiment.finished_at, Experiment.id)
     ).all()
-    points, best = [], None
-    for number, row in enumerate(rows, start=1):
-        if row.status == KEEP:
-            best = row.val_bpb
-        points.append({"n": number, "id": row.id, "val_bpb": row.val_bpb, "status": row.status,
-                       "description": row.description, "best": best})
+    points, best, best_stderr = [], None, None
+    for number, experiment in enumerate(experiments, start=1):
+        runs = [r.val_bpb for r in experiment.runs if r.status == FINISHED and r.val_bpb is not None]
+        if experiment.status == KEEP:
+            best = experiment.val_bpb
+            best_stderr = experiment.sigma / len(runs) ** 0.5 if experiment.sigma and runs else None
+        points.append({"n": number, "id": experiment.id, "val_bpb": experiment.val_bpb, "status": experiment.status,
+                       "description": experiment.description, "best": best, "best_stderr": best_stderr,
+                       "runs": runs})
     return points
 
 
