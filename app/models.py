@@ -75,6 +75,9 @@ class Tag(Base):
     discarded_experiments: Mapped[int] = mapped_column(Integer, default=0)
     crashed_experiments: Mapped[int] = mapped_column(Integer, default=0)
     consecutive_crashes: Mapped[int] = mapped_column(Integer, default=0)
+    # The setup its first run was scored with (fixed files, tokenizer, data, GPU model, driver,
+    # torch): a worker whose setup differs does not train the tag's runs.
+    fingerprint: Mapped[dict | None] = mapped_column(JSON)
 
 
 class Strategy(Base):
@@ -209,6 +212,7 @@ class Run(Base):
     log_tail: Mapped[str | None] = mapped_column(Text)
     progress: Mapped[dict | None] = mapped_column(JSON)
     curve: Mapped[list | None] = mapped_column(JSON)
+    fingerprint: Mapped[dict | None] = mapped_column(JSON)
 
 
 class Gpu(Base):
