@@ -44,7 +44,7 @@ def task_ids_in_broker(broker_url: str) -> set[str]:
     and not yet acknowledged. A queued run whose message id is not here has lost its message."""
     client = redis.Redis.from_url(broker_url)
     ids = set()
-    for pattern in ("train*", "confirm*", "gpu.*"):
+    for pattern in ("train*", "confirm*", "gpu.*", "setup.*"):
         for key in client.scan_iter(match=pattern, _type="list"):
             ids.update(json.loads(raw)["headers"]["id"] for raw in client.lrange(key, 0, -1))
     for raw in client.hvals("unacked"):

@@ -189,6 +189,9 @@ class RunPublic(Response):
     error: str | None
     progress: Progress | None
     curve: list[Progress] | None = Field(description="every progress report of the run, in order")
+    fingerprint: dict[str, Any] | None = Field(
+        default=None, description="sha256 of the fixed files, tokenizer, manifest and validation shard; GPU model, "
+        "driver, torch: the setup the run was scored with")
 
 
 class ExperimentPublic(Response):
@@ -243,6 +246,7 @@ class TagPublic(Response):
     discarded_experiments: int
     crashed_experiments: int
     consecutive_crashes: int
+    fingerprint: dict[str, Any] | None = Field(default=None, description="the setup pinned by the tag's first run")
 
 
 class SetupPublic(Response):

@@ -77,6 +77,10 @@ def list_gpus() -> list[GpuInfo]:
     return gpus
 
 
+def driver_version() -> str:
+    return _text(pynvml.nvmlSystemGetDriverVersion())
+
+
 def telemetry(index: int) -> dict:
     """Current state of GPU `index`: name, vram_total_mb, memory_used_mb, utilization_pct,
     temperature_c. Without NVML, the same keys describe the CPU (see cpu_telemetry()).

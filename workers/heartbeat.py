@@ -28,6 +28,7 @@ from app.errors import NotFound
 from app.models import WORKER_GPU
 from app.services import lifecycle, pool
 from workers import gpu
+from workers.fingerprint import digest, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,10 @@ def identity(settings) -> lifecycle.Holder | None:
     if settings.worker_gpu_index is None:
         return None
     index = settings.worker_gpu_index
+    model = device_model(index)
     return lifecycle.Holder(gpu_id=settings.worker_gpu_id or f"gpu{index}@{socket.gethostname()}", token=INCARNATION,
-                            gpu_index=index, gpu_model=device_model(index), host=socket.gethostname())
+                            gpu_index=index, gpu_model=model, host=socket.gethostname(),
+                            fingerprint=fingerprint(settings.cache_dir, model))
 
 
 def device_model(index: int) -> str:
@@ -89,6 +92,9 @@ class Heartbeat(bootsteps.StartStopStep):
         if self.holder is None:
             return
         self.register()
+        # The queue of this worker's setup, for runs that workers of another setup refused. Added
+        # before the consumer starts (it is the last step), so it is consumed from the start.
+        worker.app.amqp.queues.select_add(lifecycle.setup_queue(digest(self.holder.fingerprint)))
         with transaction(self.settings.database_url) as session:
             outcomes = lifecycle.release_previous_incarnation(session, holder=self.holder, policy=self.policy)
         send_all([d for o in outcomes for d in o.dispatches], self.settings.broker_url)

@@ -22,6 +22,8 @@ from app.dispatch import send_all
 from app.errors import Conflict
 from app.models import CANCELLED, CRASH, FINISHED, TIMEOUT
 from app.services import lifecycle
+from workers import sandbox
+from workers.fingerprint import digest
 from workers.gpu import list_gpus
 from workers.heartbeat import identity
 from workers.runner import LOG_TAIL_CHARS, RunResult, run_training, tail_log
@@ -38,9 +40,11 @@ CPU_THREAD_VARIABLES = ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS")
 
 
 def child_env(settings: Settings, profile: str, gpu_index: int, seed: int) -> dict[str, str]:
+    """What train.py gets on top of workers.runner's allow-list of the worker's environment."""
     env = {
         "AUTORESEARCH_PROFILE": profile,
-        "AUTORESEARCH_CACHE": str(settings.cache_dir),
+        # The tokenizer and the training split only: the validation split stays with the worker.
+        "AUTORESEARCH_CACHE": str(sandbox.cache_view(settings.cache_dir, settings.sandbox_dir)),
         "AUTORESEARCH_SEED": str(seed),
         # prepare.py stays in the project: the run directory holds only the experiment's train.py.
         "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
@@ -87,6 +91,13 @@ def train(run_id: str, *, settings: Settings, redelivered: bool = False) -> dict
             claim = lifecycle.claim(session, run_id=run_id, holder=holder, lease_s=settings.lease_s)
     except lifecycle.Draining as exc:
         raise Reject(str(exc), requeue=True) from None
+    except lifecycle.SetupMismatch as exc:
+        with transaction(settings.database_url) as session:
+            dispatch = lifecycle.refuse(session, run_id=run_id, holder=holder, reason=str(exc),
+                                        queue=lifecycle.setup_queue(digest(exc.pinned)))
+        send_all([dispatch] if dispatch else [], settings.broker_url)
+        log.warning("refused run %s: %s", run_id, exc)
+        return {"run_id": run_id, "status": "refused", "differences": exc.differences}
     if claim is None:
         log.info("run %s is not queued any more (redelivered=%s); skipping", run_id, redelivered)
         return {"run_id": run_id, "status": "skipped"}
@@ -118,7 +129,8 @@ def train(run_id: str, *, settings: Settings, redelivered: bool = False) -> dict
     try:
         result = run_training(
             claim.train_py, run_dir, env=child_env(settings, claim.profile, holder.gpu_index, claim.seed),
-            timeout_s=settings.kill_timeout, should_cancel=should_stop, on_progress=on_progress,
+            timeout_s=settings.run_deadline_s(claim.profile), sandbox_dir=settings.sandbox_dir,
+            should_cancel=should_stop, on_progress=on_progress,
         )
     except SystemExit:
         # The worker is shutting down (SIGTERM): train.py's group is gone; hand the run back.

@@ -167,13 +167,14 @@ def tag_public(tag: Tag) -> dict:
         "discarded_experiments": tag.discarded_experiments,
         "crashed_experiments": tag.crashed_experiments,
         "consecutive_crashes": tag.consecutive_crashes,
+        "fingerprint": tag.fingerprint,
     }
 
 
 RUN_FIELDS = ("id", "experiment_id", "replicate", "attempt", "purpose", "seed", "status", "scored_by", "gpu_id", "gpu_index",
               "gpu_model", "host", "lease_holder", "task_id", "queue", "profile", "val_bpb", "reported_val_bpb",
               "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_m", "num_steps",
-              "num_params_m", "depth", "error", "progress", "curve")
+              "num_params_m", "depth", "error", "progress", "curve", "fingerprint")
 RUN_TIMES = ("lease_expires_at", "queued_at", "claimed_at", "training_started_at", "finished_at")
 
 

@@ -95,8 +95,14 @@ def gpu_queue(gpu_id: str) -> str:
 
 
 def worker_queues(gpu_id: str) -> list[str]:
-    """The queues a GPU worker consumes, in the order it drains them."""
+    """The queues a GPU worker consumes, in the order it drains them (and, added when it starts,
+    the queue of its setup: setup_queue)."""
     return [gpu_queue(gpu_id), CONFIRM_QUEUE, TRAIN_QUEUE]
+
+
+def setup_queue(fingerprint_digest: str) -> str:
+    """Runs a worker of another setup refused go here; every worker of this setup consumes it."""
+    return f"setup.{fingerprint_digest}"
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,9 @@ class Holder:
     gpu_index: int | None = None
     gpu_model: str = ""
     host: str = ""
+    # The setup it scores with (workers.fingerprint); a tag trains only on workers that match
+    # the fingerprint of its first run.
+    fingerprint: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -275,6 +284,26 @@ class Claim:
     train_py: str
 
 
+class SetupMismatch(Exception):
+    """The worker's setup differs from the one the run's tag is pinned to."""
+
+    def __init__(self, pinned: dict, mine: dict):
+        self.pinned = pinned
+        self.differences = sorted(k for k in set(pinned) | set(mine) if pinned.get(k) != mine.get(k))
+        super().__init__(f"this worker's {', '.join(self.differences)} differ(s) from the tag's pinned setup")
+
+
+def refuse(session: Session, *, run_id: str, holder: Holder, queue: str, reason: str) -> Dispatch | None:
+    """A worker of another setup leaves the run queued, says why in the run, and sends it to the
+    queue of the setup the tag is pinned to, where only matching workers take it."""
+    row = session.execute(
+        update(Run).where(Run.id == run_id, Run.status == QUEUED)
+        .values(task_id=str(uuid.uuid4()), queue=queue, error=f"refused by {holder.gpu_id}: {reason}")
+        .returning(Run.task_id).execution_options(synchronize_session=False)
+    ).one_or_none()
+    return Dispatch(run_id, row.task_id, queue) if row else None
+
+
 class Draining(Exception):
     """The worker left the pool (it is shutting down) and must not take a run: the message goes
     back to the queue for another worker."""
@@ -283,16 +312,28 @@ class Draining(Exception):
 def claim(session: Session, *, run_id: str, holder: Holder, lease_s: float) -> Claim | None:
     """Take a queued run under a lease. A redelivered or duplicate message, or one for a run that
     was cancelled or superseded, finds nothing to take and never trains anything. Only a worker
-    registered in the pool takes runs: one that deregistered to shut down raises Draining."""
+    registered in the pool takes runs: one that deregistered to shut down raises Draining. The
+    tag's first claim pins the worker's setup to the tag; a worker of another setup raises
+    SetupMismatch and leaves the run queued."""
+    # Pin first, as a statement of its own: its row lock makes two first claims from different
+    # setups take turns, and the second then compares with what the first pinned.
+    session.execute(text(
+        """
+        UPDATE tags t SET fingerprint = CAST(:fingerprint AS json)
+        FROM experiments e JOIN runs r ON r.experiment_id = e.id
+        WHERE r.id = :run_id AND t.name = e.tag AND t.fingerprint IS NULL
+        """
+    ), {"fingerprint": json.dumps(holder.fingerprint), "run_id": run_id})
     row = session.execute(
         text(
             """
             UPDATE runs r SET status = :running, lease_holder = :gpu_id, lease_token = :token,
                    lease_expires_at = now() + make_interval(secs => :lease_s), claimed_at = now(),
-                   gpu_id = :gpu_id, gpu_index = :gpu_index, gpu_model = :gpu_model, host = :host
+                   gpu_id = :gpu_id, gpu_index = :gpu_index, gpu_model = :gpu_model, host = :host,
+                   fingerprint = CAST(:fingerprint AS json), error = NULL
             FROM experiments e JOIN tags t ON t.name = e.tag
             WHERE r.id = :run_id AND r.status = :queued AND e.id = r.experiment_id AND NOT e.cancel_requested
-                  AND e.status = ANY(:live)
+                  AND e.status = ANY(:live) AND t.fingerprint::jsonb = CAST(:fingerprint AS jsonb)
                   AND EXISTS (SELECT 1 FROM gpus g WHERE g.id = :gpu_id AND g.kind = :worker_gpu)
             RETURNING r.id, r.experiment_id, r.attempt, r.seed, e.tag, t.profile, e.train_py
             """
@@ -300,11 +341,16 @@ def claim(session: Session, *, run_id: str, holder: Holder, lease_s: float) -> C
         {"running": RUNNING, "queued": QUEUED, "gpu_id": holder.gpu_id, "gpu_index": holder.gpu_index,
          "token": holder.token,
          "gpu_model": holder.gpu_model, "host": holder.host, "lease_s": lease_s, "run_id": run_id,
-         "live": list(LIVE_STATUSES), "worker_gpu": WORKER_GPU},
+         "live": list(LIVE_STATUSES), "worker_gpu": WORKER_GPU, "fingerprint": json.dumps(holder.fingerprint)},
     ).one_or_none()
     if row is None:
         if session.get(Gpu, holder.gpu_id) is None:
             raise Draining(f"{holder.gpu_id} is not in the pool (shutting down); the run stays queued")
+        pinned = session.scalar(select(Tag.fingerprint).join(Experiment, Experiment.tag == Tag.name)
+                                .join(Run, Run.experiment_id == Experiment.id).where(Run.id == run_id,
+                                                                                     Run.status == QUEUED))
+        if pinned is not None and pinned != holder.fingerprint:
+            raise SetupMismatch(pinned, holder.fingerprint)
         return None
     move_experiment(session, row.experiment_id, RUNNING, only_from=[QUEUED],
                     started_at=func.coalesce(Experiment.started_at, func.now()))
