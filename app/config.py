@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from run_profiles import PROFILES
+
 EMBEDDED_POSTGRES_PORT = 54329
 EMBEDDED_REDIS_PORT = 63799
 
@@ -30,6 +32,8 @@ def embedded_broker_url(port: int) -> str:
 DEFAULT_DATABASE_URL = embedded_database_url(EMBEDDED_POSTGRES_PORT)
 DEFAULT_BROKER_URL = embedded_broker_url(EMBEDDED_REDIS_PORT)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Where a root worker keeps what its sandboxed train.py runs may read (workers/sandbox.py).
+SANDBOX_ROOT = Path("/var/lib/autoresearch-sandbox")
 # A finished run's result waits this long for Postgres to come back before the worker gives up:
 # minutes of GPU time must not be lost to a database restart.
 RECORD_RETRY_S = 900.0
@@ -112,7 +116,7 @@ class Settings:
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "autoresearch")
     state_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "state")
     default_profile: str = "h100"
-    kill_timeout: float = 900.0  # seconds a train.py may run, start-up and eval included
+    kill_timeout: float = 900.0  # upper cap on a run's deadline (run_deadline_s), start-up and eval included
     near_miss_threshold: float = 0.002
     max_consecutive_crashes: int = 3
     heartbeat_interval: float = 10.0
@@ -126,6 +130,9 @@ class Settings:
     baseline_runs: int = 3  # runs of a tag's first experiment, which measure the noise floor
     # app.services.verdicts: how runs become keep / discard / another run
     verdict_policy: str = field(default_factory=lambda: _verdict_policy(None))
+    # The worker scores a run's exported model with its own evaluator (workers/evaluator.py);
+    # off (TRUSTED_SCORING=0), it takes train.py's printed val_bpb: only for stand-in scripts.
+    trusted_scoring: bool = True
 
     @property
     def runs_dir(self) -> Path:
@@ -135,9 +142,21 @@ class Settings:
     def reports_dir(self) -> Path:
         return self.state_dir / "reports"
 
+    @property
+    def sandbox_dir(self) -> Path:
+        # workers/sandbox.py: the sandbox user's home and the cache views. A root worker keeps
+        # them out of the state folder, which train.py must not reach; others cannot write there.
+        return SANDBOX_ROOT if os.geteuid() == 0 else self.state_dir / "sandbox"
+
     # Every bound on a run, derived here from KILL_TIMEOUT so that they agree: the worker kills
-    # train.py at kill_timeout, then retries recording the result for record_retry_s; Celery's
-    # hard limit is a backstop beyond both; Redis redelivers an unacked message only after that.
+    # train.py at its deadline (its profile's budget and allowance, at most kill_timeout), then
+    # retries recording the result for record_retry_s; Celery's hard limit is a backstop beyond
+    # both; Redis redelivers an unacked message only after that.
+    def run_deadline_s(self, profile: str) -> float:
+        """Seconds the worker lets one train.py of `profile` run, on its own clock."""
+        constants = PROFILES[profile]
+        return min(self.kill_timeout, constants["TIME_BUDGET"] + constants["STARTUP_ALLOWANCE"])
+
     @property
     def record_retry_s(self) -> float:
         return RECORD_RETRY_S
@@ -178,6 +197,15 @@ def _api_token(token: str | None) -> str | None:
     return token
 
 
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = (env.get(name) or "").strip().lower()
+    if not value:
+        return default
+    if value not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
+        raise ConfigError(f"{name}={env[name]!r} is not on or off; set it to 1 or 0")
+    return value in ("1", "true", "on", "yes")
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     postgres_port = _number(env, "EMBEDDED_POSTGRES_PORT", EMBEDDED_POSTGRES_PORT, int)
@@ -215,4 +243,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         report_interval=_number(env, "REPORT_INTERVAL", 300.0),
         baseline_runs=_number(env, "BASELINE_RUNS", 3, int),
         verdict_policy=_verdict_policy(env.get("VERDICT_POLICY")),
+        trusted_scoring=_switch(env, "TRUSTED_SCORING", True),
     )

@@ -13,6 +13,10 @@ Why it is built this way (see shared/notes/celery.md, "The training subprocess")
   running any cleanup (kill -9). Its own children are not covered: the kernel clears the
   setting on fork, and a grandchild that calls setsid() leaves the group. Those limits are
   accepted; the normal paths (exit, timeout, cancel, exception, SIGTERM) clean the whole group.
+- train.py is the agent's code, and the score must not depend on its manners: its environment
+  is built from an allow-list (CHILD_ENV_NAMES below), never copied from the worker's, which
+  holds the database, broker and API credentials; a root worker runs it as an unprivileged user
+  in a run directory it cannot leave (workers/sandbox.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -29,7 +34,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.config import SANDBOX_ROOT
 from app.process_groups import group_alive, parent_death_signal
+from workers import sandbox
 from workers.progress import last_progress, parse_summary
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,28 @@ PROGRESS_SCAN_BYTES = 1024 * 1024  # at most this much new output is scanned per
 ERROR_LINES = 30  # lines kept in RunResult.error when no traceback is found
 
 STATUSES = ("finished", "failed", "timeout", "cancelled")
+
+# The child's environment: the worker's variables named here, then what the caller passes (the
+# run's profile, cache view, seed, PYTHONPATH). Only what running Python and a GPU needs: locale
+# and time zone, the loader path, the CUDA/NVIDIA/torch/triton settings of the machine, thread
+# counts. Everything else the worker holds stays with it: DATABASE_URL, CELERY_BROKER_URL,
+# CELERY_RESULT_BACKEND, API_TOKEN, FLOWER_BASIC_AUTH, cloud keys, its own AUTORESEARCH_* settings.
+CHILD_ENV_NAMES = frozenset({
+    "PATH", "HOME", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+})
+CHILD_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "CUBLAS_", "CUDNN_", "NCCL_", "TORCH_", "TORCHINDUCTOR_",
+                      "PYTORCH_", "TRITON_")
+# A name under an allowed prefix is still dropped when it looks like a secret (NVIDIA_API_KEY)
+# or a service address: no GPU setting is named so.
+CHILD_ENV_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "URL")
+
+
+def allowed_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The variables of `environ` that train.py may see (CHILD_ENV_NAMES, CHILD_ENV_PREFIXES)."""
+    return {name: value for name, value in environ.items()
+            if (name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES))
+            and not any(word in name.upper() for word in CHILD_ENV_SECRET_WORDS)}
 
 
 @dataclass
@@ -74,11 +103,14 @@ def run_training(
     on_progress: Callable[[dict], None] | None = None,
     poll_interval_s: float = 1.0,
     python: str = sys.executable,
+    sandbox_dir: Path = SANDBOX_ROOT,
 ) -> RunResult:
     """Write `source` to run_dir/train.py, run it, and return how it ended.
 
-    `env` is added to os.environ for the child (CUDA_VISIBLE_DEVICES, AUTORESEARCH_PROFILE,
-    PYTHONPATH, ...). Every `poll_interval_s` the new log output is scanned and on_progress is
+    The child's environment is allowed_environment(os.environ) plus `env` (AUTORESEARCH_PROFILE,
+    AUTORESEARCH_CACHE, PYTHONPATH, ...). When this process is root, the child runs as
+    sandbox.SANDBOX_USER, with its home under `sandbox_dir`, in run_dir made its own (see
+    workers/sandbox.py). Every `poll_interval_s` the new log output is scanned and on_progress is
     called with the latest new progress line (at most once per poll), then the deadline and
     should_cancel() are checked. On timeout or cancel the process group gets SIGTERM, then
     SIGKILL after TERM_GRACE_S.
@@ -88,9 +120,13 @@ def run_training(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    account = sandbox.run_account()
+    if account is not None:
+        sandbox.prepare_for_account(account, run_dir, sandbox_dir)
     (run_dir / TRAIN_FILENAME).write_text(source, encoding="utf-8")
     log_path = run_dir / LOG_FILENAME
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}  # unbuffered: live progress
+    child_env = {**allowed_environment(dict(os.environ)), **sandbox.account_env(account, sandbox_dir),
+                 "PYTHONUNBUFFERED": "1", **env}  # unbuffered: live progress
 
     with _sigterm_raises_system_exit():
         started_at = time.time()
@@ -101,14 +137,16 @@ def run_training(
         try:
             with open(log_path, "wb") as log_file:  # the child keeps its own copy of the fd
                 proc = subprocess.Popen(
-                    [python, TRAIN_FILENAME],
+                    [python, _script_path(account)],
                     cwd=run_dir,
                     env=child_env,
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    # Set after the switch to the account: a change of uid clears it.
                     preexec_fn=parent_death_signal(signal.SIGKILL),
+                    **_account_arguments(account),
                 )
             reader = _LogFollower(log_path)
             while True:
@@ -144,6 +182,19 @@ def run_training(
         started_at=started_at,
         ended_at=ended_at,
     )
+
+
+def _script_path(account: pwd.struct_passwd | None) -> str:
+    # Python opens its script by absolute path, which the sandbox user cannot walk (the folder
+    # above the run directory is closed to it); /proc/self/cwd leads to its working directory
+    # without walking the folders above it.
+    return TRAIN_FILENAME if account is None else f"/proc/self/cwd/{TRAIN_FILENAME}"
+
+
+def _account_arguments(account: pwd.struct_passwd | None) -> dict:
+    if account is None:
+        return {}
+    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
 
 
 def tail_log(path: Path, max_bytes: int = LOG_TAIL_CHARS) -> str:
