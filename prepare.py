@@ -19,6 +19,7 @@ Environment:
     AUTORESEARCH_PROFILE   a name from run_profiles.PROFILES (default h100): the constants below
     AUTORESEARCH_CACHE     where data/ and tokenizer/ live (default ~/.cache/autoresearch)
     AUTORESEARCH_SEED      the run's seed, set by the worker (default 42)
+    AUTORESEARCH_EXPORT_PATH  where export_model saves the trained model, set by the worker
 
 Layout of the cache:
     data/shard_00000.parquet ...     train shards, one string column `text`, one document a row
@@ -30,6 +31,12 @@ Layout of the cache:
 The model contract (what evaluate_bpb relies on):
     model(idx, targets, reduction='none') -> per-token cross-entropy in nats, float, with
     idx and targets int64 of shape (B, T); any shape with B*T elements is accepted.
+
+The export contract (what the worker scores): export_model(forward, example) saves
+    forward(idx) -> logits, idx int64 (B, MAX_SEQ_LEN), logits float (B, MAX_SEQ_LEN, VOCAB_SIZE),
+as a torch.export program of plain ATen ops with its weights, to AUTORESEARCH_EXPORT_PATH. The
+worker's evaluator (workers/evaluator.py) loads it in a process of its own, checks that no logit
+depends on a later token, and computes val_bpb from those logits with bits_per_byte below.
 """
 
 import argparse
@@ -45,6 +52,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +102,9 @@ VOCAB_SIZE = 8192                         # tokenizer vocabulary, special tokens
 # The server gives each run its own seed (replicates of one experiment differ), so that a change
 # cannot win by the luck of one draw; train.py seeds everything random from it.
 SEED = get_seed(os.environ.get("AUTORESEARCH_SEED", ""))
+# The worker scores the exported model, not what train.py prints; a run by hand exports nothing.
+EXPORT_PATH = os.environ.get("AUTORESEARCH_EXPORT_PATH", "").strip()
+EXPORT_FORMAT = "autoresearch-export-1"   # the keys export_model writes and the evaluator reads
 
 # ---------------------------------------------------------------------------
 # Locations and data constants
@@ -690,16 +701,21 @@ def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=None, prefe
 # Evaluation: the fixed metric
 # ---------------------------------------------------------------------------
 
+def validation_available():
+    """Whether this process sees the validation split (a worker's train.py does not: it is scored outside)."""
+    return os.path.exists(os.path.join(DATA_DIR, VAL_FILENAME))
+
+
 @torch.no_grad()
-def evaluate_bpb(model, tokenizer, batch_size):
-    """Validation bits per byte: independent of the vocabulary, lower is better.
+def bits_per_byte(token_nats, tokenizer, batch_size, device):
+    """Validation bits per byte of `token_nats(x, y)` -> per-token cross-entropy in nats.
 
     Scores EVAL_TOKENS tokens of the val split in rows of MAX_SEQ_LEN: the sum of per-token
     cross-entropy (nats) over target tokens, divided by ln(2) times the sum of those targets'
     UTF-8 byte lengths. Special tokens (byte length 0, e.g. the BOS that starts each document)
-    count in neither sum. The model must follow the contract in this module's docstring.
+    count in neither sum. The one implementation of the metric: evaluate_bpb and the worker's
+    evaluator both call it.
     """
-    device = next(model.parameters()).device
     token_bytes = get_token_bytes(device)
     steps = max(1, EVAL_TOKENS // (batch_size * MAX_SEQ_LEN))
     loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
@@ -708,13 +724,83 @@ def evaluate_bpb(model, tokenizer, batch_size):
     try:
         for _ in range(steps):
             x, y, _ = next(loader)
-            loss = model(x, y, reduction="none").reshape(-1).double()
+            loss = token_nats(x, y).reshape(-1).double()
             nbytes = token_bytes[y.reshape(-1)]
             total_nats += torch.where(nbytes > 0, loss, 0.0).sum()
             total_bytes += nbytes.sum()
     finally:
         loader.close()
     return total_nats.item() / (math.log(2) * total_bytes.item())
+
+
+def evaluate_bpb(model, tokenizer, batch_size):
+    """Validation bits per byte of a model that follows the contract in this module's docstring:
+    lower is better, independent of the vocabulary. In a worker's run this number is only
+    informational (reported_val_bpb); the score is the evaluator's, from the exported model."""
+    device = next(model.parameters()).device
+    return bits_per_byte(lambda x, y: model(x, y, reduction="none"), tokenizer, batch_size, device)
+
+
+class _Exported(torch.nn.Module):
+    """The forward export traces: `forward(idx)` under the autocast train.py evaluates with, so
+    the program holds its casts as plain ops."""
+
+    def __init__(self, forward, autocast_dtype):
+        super().__init__()
+        self.forward_module = forward
+        self.autocast_dtype = autocast_dtype
+
+    def forward(self, idx):
+        device_type = idx.device.type
+        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            return self.forward_module(idx)
+
+
+def export_model(forward, example, autocast_dtype=None, path=None):
+    """Save `forward` (an nn.Module: idx -> logits) for the worker's evaluator; the path written, or
+    None when no export path is set (a run by hand).
+
+    `example` is an int64 (B, MAX_SEQ_LEN) batch on the model's device; the evaluator scores in
+    batches of that B. The program is traced with torch.export and lowered to ATen ops (autocast
+    regions become explicit casts), then written with its weights as plain tensors, so loading it
+    runs no code of train.py. RuntimeError saying what to change when the forward cannot be exported.
+    """
+    from torch._export.serde.serialize import serialize
+
+    path = path or EXPORT_PATH
+    if not path:
+        return None
+    if example.dtype != torch.long or example.dim() != 2 or example.size(1) != MAX_SEQ_LEN:
+        raise ValueError(f"export_model: example must be int64 (B, {MAX_SEQ_LEN}), not {example.dtype} "
+                         f"{tuple(example.shape)}")
+    try:
+        with torch.no_grad():
+            program = torch.export.export(_Exported(forward, autocast_dtype), (example,))
+            program = program.run_decompositions({})
+        with warnings.catch_warnings():  # torch's serializer trips over its own pytree deprecation
+            warnings.simplefilter("ignore", FutureWarning)
+            serialized = serialize(program)
+    except Exception as e:  # torch.export raises many types; each means the same fix
+        raise RuntimeError(
+            f"export_model: the model could not be exported for scoring ({type(e).__name__}: {e}). "
+            "The exported forward must be plain PyTorch: idx -> logits, no custom kernels (turn "
+            "gpu_kernels paths off for it), no data-dependent Python control flow, no tensors cached "
+            "across calls.") from e
+    artifact = {
+        "format": EXPORT_FORMAT,
+        "program": serialized.exported_program,
+        "state_dict": dict(program.state_dict),
+        "constants": {name: value for name, value in program.constants.items() if isinstance(value, torch.Tensor)},
+        "batch_size": example.size(0),
+    }
+    if len(artifact["constants"]) != len(program.constants):
+        raise RuntimeError("export_model: the model holds non-tensor constants (script objects); "
+                           "keep only parameters and tensor buffers in the exported forward")
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(artifact, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 # ---------------------------------------------------------------------------

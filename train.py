@@ -3,7 +3,8 @@ Autoresearch pretraining script: one GPU (or the CPU), one file. This is the fil
 
 A GPT of the autoresearch baseline family (rotary embeddings, QK norm, ReLU^2 MLP, value
 embeddings, per-layer residual scalars, logit soft-cap), trained with Muon + AdamW for the
-profile's fixed wall-clock budget, then scored by prepare.evaluate_bpb.
+profile's fixed wall-clock budget, then saved with prepare.export_model: a worker scores that
+exported model itself (program.md, "Scoring"); prepare.evaluate_bpb here is informational.
 
 Usage: python train.py   (with AUTORESEARCH_PROFILE / AUTORESEARCH_CACHE / AUTORESEARCH_SEED in the
 environment and prepare.py and gpu_kernels.py importable: next to this file, or on PYTHONPATH)
@@ -31,7 +32,17 @@ from gpu_kernels import (
     triton_kernels_available,
     window_attention_available,
 )
-from prepare import MAX_SEQ_LEN, PROFILE, SEED, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
+from prepare import (
+    MAX_SEQ_LEN,
+    PROFILE,
+    SEED,
+    TIME_BUDGET,
+    Tokenizer,
+    evaluate_bpb,
+    export_model,
+    make_dataloader,
+    validation_available,
+)
 
 USE_CUDA = torch.cuda.is_available()
 
@@ -101,22 +112,17 @@ def rotate(x, cos, sin):
     return torch.cat((a * cos + b * sin, b * cos - a * sin), dim=-1)
 
 
-_band_masks = {}
-
-
 def attend(q, k, v, window):
     """Causal attention on (B, H, T, D); window = how many earlier positions a query may see."""
     T = q.size(-2)
     if window >= T - 1:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if q.is_cuda:
+    # The exported model must be plain ops (the evaluator runs no custom kernels): a band mask there.
+    if q.is_cuda and not torch.compiler.is_exporting():
         return sliding_window_attention(q, k, v, window)
-    key = (T, window, q.device)
-    if key not in _band_masks:
-        pos = torch.arange(T, device=q.device)
-        offset = pos[:, None] - pos[None, :]
-        _band_masks[key] = (offset >= 0) & (offset <= window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_band_masks[key])
+    pos = torch.arange(T, device=q.device)
+    offset = pos[:, None] - pos[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(offset >= 0) & (offset <= window))
 
 
 class Attention(nn.Module):
@@ -142,7 +148,7 @@ class Attention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # 1.0 at init
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
         # QK norm keeps logits bounded; a change to rotary or to this norm needs FUSED_QK_NORM = False.
-        if FUSED_QK_NORM:
+        if FUSED_QK_NORM and not torch.compiler.is_exporting():
             q, k = rotary_rms_norm(q, cos, sin), rotary_rms_norm(k, cos, sin)
         else:
             q, k = norm(rotate(q, cos, sin)), norm(rotate(k, cos, sin))
@@ -433,6 +439,7 @@ tokens_per_micro_step = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
 assert TOTAL_BATCH_SIZE % tokens_per_micro_step == 0, "TOTAL_BATCH_SIZE must be a multiple of batch x seq"
 grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
 optimizer = build_optimizer(model)
+plain_model = model   # the uncompiled module: export traces it, not the compiled wrapper
 if COMPILE:
     model = torch.compile(model, dynamic=False)
 
@@ -526,8 +533,14 @@ timed_steps = step - UNTIMED_STEPS
 # ---------------------------------------------------------------------------
 
 model.eval()
-with autocast_ctx:
-    val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+# The worker scores this export (logits of plain ops) with its own evaluator and validation data.
+export_model(plain_model, torch.zeros(DEVICE_BATCH_SIZE, MAX_SEQ_LEN, dtype=torch.long, device=device),
+             autocast_dtype=torch.bfloat16 if USE_CUDA else None)
+# Informational (reported_val_bpb); a worker's train.py has no validation split and skips it.
+val_bpb = None
+if validation_available():
+    with autocast_ctx:
+        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
 
 t_end = time.time()
 mfu_percent = (100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / training_time / H100_BF16_PEAK_FLOPS
@@ -536,7 +549,8 @@ peak_vram_mb = torch.cuda.max_memory_allocated() / 1024 / 1024 if USE_CUDA else 
 
 print("---")
 print(f"profile:          {PROFILE}")
-print(f"val_bpb:          {val_bpb:.6f}")
+if val_bpb is not None:
+    print(f"val_bpb:          {val_bpb:.6f}")
 print(f"training_seconds: {training_time:.1f}")
 print(f"total_seconds:    {t_end - t_start:.1f}")
 print(f"peak_vram_mb:     {peak_vram_mb:.1f}")

@@ -78,6 +78,9 @@ class Tag(Base):
     # The setup its first run was scored with (fixed files, tokenizer, data, GPU model, driver,
     # torch): a worker whose setup differs does not train the tag's runs.
     fingerprint: Mapped[dict | None] = mapped_column(JSON)
+    # Opt-in: runs whose training loss is clearly worse than the best's at the same progress are
+    # stopped and recorded as pruned (app.services.pruning).
+    early_stopping: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Strategy(Base):
@@ -198,6 +201,9 @@ class Run(Base):
     profile: Mapped[str | None] = mapped_column(String(32))
     val_bpb: Mapped[float | None] = mapped_column(Float)
     reported_val_bpb: Mapped[float | None] = mapped_column(Float)
+    # The trusted evaluator's account of its score, and whether train.py's own number disagreed.
+    scoring: Mapped[dict | None] = mapped_column(JSON)
+    score_mismatch: Mapped[bool | None] = mapped_column(Boolean)
     training_seconds: Mapped[float | None] = mapped_column(Float)
     total_seconds: Mapped[float | None] = mapped_column(Float)
     peak_vram_mb: Mapped[float | None] = mapped_column(Float)

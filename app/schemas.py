@@ -34,6 +34,8 @@ class TagQuery(Request):
 class SetupCreate(Request):
     tag: str = TagName
     profile: str | None = Field(default=None, description="prepare.py profile; default from AUTORESEARCH_PROFILE")
+    early_stopping: bool = Field(default=False, description="stop runs clearly worse than the best's at the same "
+                                 "progress, as `pruned` (docs/benchmarks.md, Early stopping)")
 
 
 class ExperimentCreate(Request):
@@ -177,7 +179,12 @@ class RunPublic(Response):
     finished_at: str | None
     profile: str | None
     val_bpb: float | None
-    reported_val_bpb: float | None
+    reported_val_bpb: float | None = Field(description="the val_bpb train.py printed; worker runs score the exported "
+                                           "model (val_bpb) and keep this for comparison")
+    scoring: dict | None = Field(default=None, description="the trusted evaluator's account: eval_tokens, batch_size, "
+                                 "device, causality_max_diff, timings")
+    score_mismatch: bool | None = Field(default=None, description="reported_val_bpb differs from val_bpb by more "
+                                        "than bf16 rounding (2**-8 relative)")
     training_seconds: float | None
     total_seconds: float | None
     peak_vram_mb: float | None
@@ -247,6 +254,7 @@ class TagPublic(Response):
     crashed_experiments: int
     consecutive_crashes: int
     fingerprint: dict[str, Any] | None = Field(default=None, description="the setup pinned by the tag's first run")
+    early_stopping: bool = False
 
 
 class SetupPublic(Response):

@@ -76,6 +76,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "REPORT_INTERVAL": str(settings.report_interval),
         "BASELINE_RUNS": str(settings.baseline_runs),
         "VERDICT_POLICY": settings.verdict_policy,
+        "TRUSTED_SCORING": "1" if settings.trusted_scoring else "0",
         "API_PORT": str(settings.api_port),
         "PYTHONUNBUFFERED": "1",
     }

@@ -105,11 +105,16 @@ def test_parse_summary_takes_the_last_block_and_ignores_unknown_keys():
     assert parse_summary(text) == {"val_bpb": 1.5, "num_steps": 10}
 
 
-def test_parse_summary_without_val_bpb_is_none():
+def test_parse_summary_without_val_bpb_or_profile_is_none():
     assert parse_summary("no summary at all") is None
-    assert parse_summary("---\nprofile: tiny\nnum_steps: 3\n") is None
+    assert parse_summary("---\nnum_steps: 3\n") is None
     # A val_bpb before the last separator does not count.
-    assert parse_summary("---\nval_bpb: 1.0\n---\nprofile: tiny\n") is None
+    assert parse_summary("---\nval_bpb: 1.0\n---\nnum_steps: 3\n") is None
+
+
+def test_parse_summary_of_a_worker_run_names_the_profile_without_val_bpb():
+    # A worker's train.py has no validation split: the worker scores its exported model.
+    assert parse_summary("---\nprofile: tiny\nnum_steps: 3\n") == {"profile": "tiny", "num_steps": 3}
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "abc"])

@@ -104,8 +104,9 @@ SUMMARY_KEYS: dict[str, type] = {
     "depth": int,
 }
 
-# The one key without which a run has no result.
-REQUIRED_SUMMARY_KEY = "val_bpb"
+# A block naming one of these is a summary. A worker's train.py prints no val_bpb of its own
+# (it has no validation split; the worker scores its exported model), so the profile counts too.
+SUMMARY_MARKERS = ("val_bpb", "profile")
 
 _SUMMARY_LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(.*?)\s*$")
 
@@ -113,8 +114,8 @@ _SUMMARY_LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(.*?)\s*$")
 def parse_summary(text: str) -> dict | None:
     """The summary block after the last `---` line of a whole log, as a dict.
 
-    Returns None when there is no `---` line or no val_bpb after the last one (the run crashed
-    before reporting). Only SUMMARY_KEYS are kept; unknown keys and other lines are ignored.
+    Returns None when there is no `---` line or neither val_bpb nor profile after the last one
+    (the run crashed before reporting). Only SUMMARY_KEYS are kept; unknown keys and other lines are ignored.
 
     Raises ValueError when a known numeric key is present but is not a finite number (nan, inf,
     or garbage). A nan val_bpb means the run diverged; raising, rather than returning None, lets
@@ -140,7 +141,7 @@ def parse_summary(text: str) -> dict | None:
             continue
         summary[key] = _parse_summary_value(key, raw, cast)
 
-    if REQUIRED_SUMMARY_KEY not in summary:
+    if not any(key in summary for key in SUMMARY_MARKERS):
         return None
     return summary
 

@@ -9,9 +9,11 @@ parent gone (it renews the lease), train.py is stopped and nothing is recorded.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
+from pathlib import Path
 
 from celery.exceptions import Reject
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -22,7 +24,7 @@ from app.dispatch import send_all
 from app.errors import Conflict
 from app.models import CANCELLED, CRASH, FINISHED, TIMEOUT
 from app.services import lifecycle
-from workers import sandbox
+from workers import evaluator, sandbox
 from workers.fingerprint import digest
 from workers.gpu import list_gpus
 from workers.heartbeat import identity
@@ -46,6 +48,8 @@ def child_env(settings: Settings, profile: str, gpu_index: int, seed: int) -> di
         # The tokenizer and the training split only: the validation split stays with the worker.
         "AUTORESEARCH_CACHE": str(sandbox.cache_view(settings.cache_dir, settings.sandbox_dir)),
         "AUTORESEARCH_SEED": str(seed),
+        # Relative to its working directory, the run directory: the sandbox resolves no other path.
+        "AUTORESEARCH_EXPORT_PATH": evaluator.ARTIFACT_FILENAME,
         # prepare.py stays in the project: the run directory holds only the experiment's train.py.
         "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
     }
@@ -166,8 +170,10 @@ def hand_back(settings: Settings, holder: lifecycle.Holder, claim: lifecycle.Cla
     log.info("handed back run %s (%s)", claim.run_id, outcome.status)
 
 
-def report_of(claim: lifecycle.Claim, result: RunResult) -> lifecycle.RunReport:
-    """How the run ended, in the lifecycle's terms."""
+def report_of(claim: lifecycle.Claim, result: RunResult,
+              evaluation: evaluator.Evaluation | None = None) -> lifecycle.RunReport:
+    """How the run ended, in the lifecycle's terms. With an evaluation (trusted scoring), val_bpb
+    is the evaluator's and the summary's own val_bpb is kept as reported_val_bpb."""
     log_tail = tail_log(result.log_path, STORED_LOG_BYTES)
     if result.status == "cancelled":
         return lifecycle.RunReport(CANCELLED, error="cancelled while running; process group killed", log_tail=log_tail)
@@ -178,19 +184,39 @@ def report_of(claim: lifecycle.Claim, result: RunResult) -> lifecycle.RunReport:
         return lifecycle.RunReport(CRASH, log_tail=log_tail, error=(
             f"train.py ran with profile {summary.get('profile')!r} but tag '{claim.tag}' uses {claim.profile!r}; "
             "the profile is fixed per tag"))
-    if result.status == "finished":
-        # The summary block says total_tokens_M; the records say total_tokens_m.
-        return lifecycle.RunReport(FINISHED, metrics={key.lower(): value for key, value in summary.items()},
-                                   log_tail=log_tail)
-    return lifecycle.RunReport(CRASH, error=result.error or result.log_tail[-LOG_TAIL_CHARS:], log_tail=log_tail)
+    if result.status != "finished":
+        return lifecycle.RunReport(CRASH, error=result.error or result.log_tail[-LOG_TAIL_CHARS:], log_tail=log_tail)
+    # The summary block says total_tokens_M; the records say total_tokens_m.
+    metrics = {key.lower(): value for key, value in summary.items()}
+    if evaluation is None:  # TRUSTED_SCORING off: the summary's number stands
+        return lifecycle.RunReport(FINISHED, metrics=metrics, log_tail=log_tail)
+    reported = metrics.pop("val_bpb", None)
+    metrics.update(reported_val_bpb=reported, scoring=evaluation.details)
+    if evaluation.error is not None:
+        return lifecycle.RunReport(CRASH, metrics=metrics, error=evaluation.error, log_tail=log_tail)
+    metrics["val_bpb"] = evaluation.val_bpb
+    if reported is not None:  # a train.py without the validation split prints no number to compare
+        metrics["score_mismatch"] = evaluator.mismatch(reported, evaluation.val_bpb)
+    return lifecycle.RunReport(FINISHED, metrics=metrics, log_tail=log_tail)
+
+
+@functools.lru_cache(maxsize=4)
+def _evaluation(run_id: str, artifact: Path, profile: str, cache_dir: Path, visible_devices: str):
+    """The trusted evaluator's verdict on one run: computed once, even when recording it is
+    retried while the database is down."""
+    return evaluator.score(artifact, profile=profile, cache_dir=cache_dir, visible_devices=visible_devices)
 
 
 def record(settings: Settings, holder: lifecycle.Holder, claim: lifecycle.Claim, result: RunResult,
            policy: lifecycle.Policy) -> dict:
+    evaluation = None
+    if settings.trusted_scoring and result.status == "finished":
+        evaluation = _evaluation(claim.run_id, result.log_path.parent / evaluator.ARTIFACT_FILENAME, claim.profile,
+                                 settings.cache_dir, os.environ.get("CUDA_VISIBLE_DEVICES", str(holder.gpu_index)))
     try:
         with transaction(settings.database_url) as session:
             outcome = lifecycle.finish_run(session, run_id=claim.run_id, token=holder.token, policy=policy,
-                                           report=report_of(claim, result))
+                                           report=report_of(claim, result, evaluation))
     except Conflict as exc:
         # Superseded (requeued after this worker looked dead) or finished elsewhere: the record
         # that stands is the other one; this run's result is dropped, never written twice.

@@ -42,7 +42,7 @@ def check_tag_name(name: str) -> None:
         )
 
 
-def setup_tag(session: Session, *, name: str, profile: str) -> Tag:
+def setup_tag(session: Session, *, name: str, profile: str, early_stopping: bool = False) -> Tag:
     check_tag_name(name)
     existing = session.get(Tag, name)
     if existing is not None:
@@ -51,7 +51,7 @@ def setup_tag(session: Session, *, name: str, profile: str) -> Tag:
     # waits for the winner's commit and must answer 409, not fail on the primary key.
     inserted = session.execute(
         pg_insert(Tag)
-        .values(name=name, branch=f"autoresearch/{name}", profile=profile)
+        .values(name=name, branch=f"autoresearch/{name}", profile=profile, early_stopping=early_stopping)
         .on_conflict_do_nothing(index_elements=[Tag.name])
         .returning(Tag.name)
     ).scalar_one_or_none()
@@ -168,13 +168,15 @@ def tag_public(tag: Tag) -> dict:
         "crashed_experiments": tag.crashed_experiments,
         "consecutive_crashes": tag.consecutive_crashes,
         "fingerprint": tag.fingerprint,
+        "early_stopping": tag.early_stopping,
     }
 
 
 RUN_FIELDS = ("id", "experiment_id", "replicate", "attempt", "purpose", "seed", "status", "scored_by", "gpu_id", "gpu_index",
               "gpu_model", "host", "lease_holder", "task_id", "queue", "profile", "val_bpb", "reported_val_bpb",
               "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_m", "num_steps",
-              "num_params_m", "depth", "error", "progress", "curve", "fingerprint")
+              "num_params_m", "depth", "error", "progress", "curve", "fingerprint",
+              "scoring", "score_mismatch")
 RUN_TIMES = ("lease_expires_at", "queued_at", "claimed_at", "training_started_at", "finished_at")
 
 

@@ -64,7 +64,7 @@ from app.models import (
     Tag,
 )
 from app.schemas import RunMetrics
-from app.services import verdicts
+from app.services import pruning, verdicts
 
 # Which status each status may move to. Experiments: queued until a run trains, running while
 # the first runs train (back to queued when one is lost and waits again), confirming while
@@ -383,11 +383,12 @@ def _gpu_idle_unless_busy(session: Session, gpu_id: str | None, run_id: str) -> 
 
 @dataclass(frozen=True)
 class Standing:
-    """What a worker learns when it reports progress: whether the run is still its own, and
-    whether a cancel was asked for."""
+    """What a worker learns when it reports progress: whether the run is still its own, whether
+    a cancel was asked for, and (tags that opted in to early stopping) why to stop it as pruned."""
 
     held: bool
     cancel_requested: bool
+    prune: str | None = None
 
 
 def report_progress(session: Session, *, run_id: str, token: str, progress: dict | None,
@@ -412,7 +413,24 @@ def report_progress(session: Session, *, run_id: str, token: str, progress: dict
     if row is None:
         return Standing(held=False, cancel_requested=False)
     cancel = session.scalar(select(Experiment.cancel_requested).where(Experiment.id == row.experiment_id))
-    return Standing(held=True, cancel_requested=bool(cancel))
+    prune = _prune_reason(session, run_id) if point is not None else None
+    return Standing(held=True, cancel_requested=bool(cancel), prune=prune)
+
+
+def _prune_reason(session: Session, run_id: str) -> str | None:
+    """Why to stop a run early, if its tag opted in and its curve is clearly worse than the best's
+    runs' curves at the same progress. Only a first run is judged: baselines have nothing to be
+    compared with, and a confirmation run is one the first run earned."""
+    run = session.scalars(select(Run).where(Run.id == run_id).execution_options(populate_existing=True)).one()
+    tag = session.scalars(select(Tag).join(Experiment, Experiment.tag == Tag.name)
+                          .where(Experiment.id == run.experiment_id)).one()
+    if not tag.early_stopping or run.purpose != FIRST or tag.best_experiment_id is None:
+        return None
+    best = session.scalars(select(Run.curve).where(
+        Run.experiment_id == tag.best_experiment_id, Run.status == FINISHED, Run.curve.is_not(None),
+        Run.gpu_model == run.gpu_model)).all()
+    verdict = pruning.should_prune(run.curve or [], best, pruning.DEFAULT_RULE)
+    return verdict.reason if verdict else None
 
 
 def renew_leases(session: Session, *, holder: Holder, lease_s: float) -> list[str]:
@@ -444,7 +462,7 @@ class RunReport:
 
 
 RUN_METRICS = ("profile", "val_bpb", "reported_val_bpb", "training_seconds", "total_seconds", "peak_vram_mb",
-               "mfu_percent", "total_tokens_m", "num_steps", "num_params_m", "depth")
+               "mfu_percent", "total_tokens_m", "num_steps", "num_params_m", "depth", "scoring", "score_mismatch")
 
 
 def finish_run(session: Session, *, run_id: str, token: str | None, report: RunReport, policy: Policy) -> Outcome:
