@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 import signal
+import tempfile
 import textwrap
 import time
 import uuid
@@ -55,6 +56,14 @@ def hanging_script(pid_file: Path) -> str:
             print(f"step {{step}} | progress 1.0% | loss 5.0 | lrm 1.00 | dt 100ms | tok/s 500 | mfu 0.0% | remaining 99s", flush=True)
             time.sleep(0.5)
     """)
+
+
+def writable_by_train_py() -> Path:
+    """A folder a sandboxed train.py can write to: under a root worker it runs as another user,
+    who cannot reach pytest's folders."""
+    folder = Path(tempfile.mkdtemp(prefix="ar-pids-"))
+    os.chmod(folder, 0o777)
+    return folder
 
 
 def alive(pid: int) -> bool:
@@ -213,7 +222,7 @@ def test_hanging_train_py_times_out_and_leaves_no_process(cluster, tmp_path):
     try:
         wait_until(lambda: (pool_entry(client, gpu_id) or {}).get("status") == "idle", 60, "the worker")
         tag = new_tag(client)
-        pid_file = tmp_path / "pids"
+        pid_file = writable_by_train_py() / "pids"
         record = wait_for(client, submit(client, tag, hanging_script(pid_file), "hang", gpu_index=5), timeout_s=60)
     finally:
         short.stop_all()
@@ -229,7 +238,7 @@ def test_hanging_train_py_times_out_and_leaves_no_process(cluster, tmp_path):
 def test_running_experiment_is_cancelled_and_its_group_is_gone(cluster, tmp_path):
     client = cluster["client"]
     tag = new_tag(client)
-    pid_file = tmp_path / "pids"
+    pid_file = writable_by_train_py() / "pids"
     experiment_id = submit(client, tag, hanging_script(pid_file), "to cancel", gpu_index=1)
     wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 60, "the run to start")
     running = wait_until(
