@@ -130,8 +130,9 @@ class Settings:
     baseline_runs: int = 3  # runs of a tag's first experiment, which measure the noise floor
     # app.services.verdicts: how runs become keep / discard / another run
     verdict_policy: str = field(default_factory=lambda: _verdict_policy(None))
-    # The worker scores a run's exported model with its own evaluator (workers/evaluator.py);
-    # off (TRUSTED_SCORING=0), it takes train.py's printed val_bpb: only for stand-in scripts.
+    # The worker scores a run's exported model with its own evaluator (workers/evaluator.py), and
+    # a run that exported none is a crash; off (TRUSTED_SCORING=0), such a run keeps train.py's
+    # printed val_bpb: only for stand-in scripts (tests).
     trusted_scoring: bool = True
 
     @property

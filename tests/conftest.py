@@ -113,6 +113,8 @@ def settings(database_url, redis_url, tmp_path):
         # One run per experiment, as in the seed, for tests that are not about replicates; those
         # set BASELINE_RUNS themselves.
         baseline_runs=1,
+        # Stand-in train.py scripts print a summary and export no model: the worker takes their number.
+        trusted_scoring=False,
         # Short, so that silence is simulated by backdating a heartbeat a little; the sweep also
         # waits this long after a Postgres start, which an embedded test server just had.
         stale_after=2.0,

@@ -210,9 +210,11 @@ def _evaluation(run_id: str, artifact: Path, profile: str, cache_dir: Path, visi
 def record(settings: Settings, holder: lifecycle.Holder, claim: lifecycle.Claim, result: RunResult,
            policy: lifecycle.Policy) -> dict:
     evaluation = None
-    if settings.trusted_scoring and result.status == "finished":
-        evaluation = _evaluation(claim.run_id, result.log_path.parent / evaluator.ARTIFACT_FILENAME, claim.profile,
-                                 settings.cache_dir, os.environ.get("CUDA_VISIBLE_DEVICES", str(holder.gpu_index)))
+    artifact = result.log_path.parent / evaluator.ARTIFACT_FILENAME
+    # An exported model is always scored; TRUSTED_SCORING=0 only lets a run without one keep its printed number.
+    if result.status == "finished" and (settings.trusted_scoring or os.path.lexists(artifact)):
+        evaluation = _evaluation(claim.run_id, artifact, claim.profile, settings.cache_dir,
+                                 os.environ.get("CUDA_VISIBLE_DEVICES", str(holder.gpu_index)))
     try:
         with transaction(settings.database_url) as session:
             outcome = lifecycle.finish_run(session, run_id=claim.run_id, token=holder.token, policy=policy,
