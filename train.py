@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import prepare
 from gpu_kernels import (
     lm_head_softcap_loss,
     rotary_rms_norm,
@@ -32,17 +33,7 @@ from gpu_kernels import (
     triton_kernels_available,
     window_attention_available,
 )
-from prepare import (
-    MAX_SEQ_LEN,
-    PROFILE,
-    SEED,
-    TIME_BUDGET,
-    Tokenizer,
-    evaluate_bpb,
-    export_model,
-    make_dataloader,
-    validation_available,
-)
+from prepare import MAX_SEQ_LEN, PROFILE, SEED, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
 
 USE_CUDA = torch.cuda.is_available()
 
@@ -534,11 +525,11 @@ timed_steps = step - UNTIMED_STEPS
 
 model.eval()
 # The worker scores this export (logits of plain ops) with its own evaluator and validation data.
-export_model(plain_model, torch.zeros(DEVICE_BATCH_SIZE, MAX_SEQ_LEN, dtype=torch.long, device=device),
+prepare.export_model(plain_model, torch.zeros(DEVICE_BATCH_SIZE, MAX_SEQ_LEN, dtype=torch.long, device=device),
              autocast_dtype=torch.bfloat16 if USE_CUDA else None)
 # Informational (reported_val_bpb); a worker's train.py has no validation split and skips it.
 val_bpb = None
-if validation_available():
+if prepare.validation_available():
     with autocast_ctx:
         val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
 

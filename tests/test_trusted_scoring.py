@@ -31,7 +31,7 @@ def variant(old: str, new: str) -> str:
 PATCHED_METRIC = variant("USE_CUDA = torch.cuda.is_available()\n", f"""USE_CUDA = torch.cuda.is_available()
 import prepare
 prepare.evaluate_bpb = evaluate_bpb = lambda *args, **kwargs: {FAKE_SCORE}
-validation_available = lambda: True
+prepare.validation_available = lambda: True
 """)
 # Divides its per-token loss by 100 whenever it is asked for one (evaluate_bpb's contract).
 SCALED_LOSS = variant(
@@ -140,9 +140,9 @@ def trained_with_export(tmp_path, cache, source: str) -> tuple[float, evaluator.
     """Run `source` by hand with the full cache (validation split included) and an export path:
     (the val_bpb it printed, the evaluator's verdict on what it exported)."""
     artifact = tmp_path / "exported.pt2"
+    assert source.count("\nimport prepare\n") == 1
     result = run_train(tmp_path, cache, source=source.replace(
-        "from prepare import (", f"import os\nos.environ['AUTORESEARCH_EXPORT_PATH'] = {str(artifact)!r}\n"
-        "from prepare import (", 1))
+        "\nimport prepare\n", f"\nos.environ['AUTORESEARCH_EXPORT_PATH'] = {str(artifact)!r}\nimport prepare\n"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _, summary = parse_summary(result.stdout)
     return float(summary["val_bpb"]), evaluator.score(artifact, profile="tiny", cache_dir=cache)
