@@ -50,7 +50,7 @@ class Prune:
     threshold: float     # the loss above which the run was judged clearly worse
 
 
-DEFAULT_RULE = PruneRule(margin=0.03, min_progress_pct=30.0, smooth_pct=5.0, spread_k=2.0)
+DEFAULT_RULE = PruneRule(margin=0.02, min_progress_pct=10.0, smooth_pct=5.0, spread_k=2.0)
 
 
 def finite_points(curve: Sequence[dict]) -> list[tuple[float, float]]:
