@@ -27,7 +27,9 @@ result_backend_transport_options = {"visibility_timeout": _settings.visibility_t
 result_expires = 7 * 24 * 3600
 
 task_default_queue = "train"
-task_queues = (Queue("train"), Queue("confirm"), Queue("control"))
+# Each queue its own routing key: a Queue without one is bound with the default queue's key,
+# and its messages would land in `train`.
+task_queues = tuple(Queue(name, routing_key=name) for name in ("train", "confirm", "control"))
 task_create_missing_queues = True  # gpu.<gpu id> queues appear with their workers
 task_routes = {
     "workers.train": {"queue": "train"},

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import redis
 from conftest_data import registration
-from test_workers import pool_entry, wait_for, wait_until
+from test_workers import pool_entry, wait_for, wait_until, writable_by_train_py
 
 from app import control, embedded
 from app.config import load_settings
@@ -94,6 +94,12 @@ def faults(database_url, redis_url, tiny_cache, tmp_path, monkeypatch, db):
         stack.stop_all()
 
 
+@pytest.fixture
+def lock_dir() -> Path:
+    """Where the training script keeps its lock: a folder a sandboxed train.py can write to."""
+    return writable_by_train_py()
+
+
 def new_tag(client) -> str:
     tag = f"f{uuid.uuid4().hex[:10]}"
     assert client.post("/api/experiment/setup", json={"tag": tag, "profile": "tiny"}).status_code == 200
@@ -150,14 +156,14 @@ def assert_trained_once_at_a_time(lock_dir: Path, record: dict) -> None:
 
 
 @pytest.mark.parametrize("victims", ["every process of the worker", "the worker's parent only"])
-def test_sigkilled_worker_restarted_within_5s_under_the_same_id_ends_its_run(faults, tmp_path, victims):
+def test_sigkilled_worker_restarted_within_5s_under_the_same_id_ends_its_run(faults, lock_dir, victims):
     """The restarted worker gives up what its previous incarnation held at once: the run is
     queued again as attempt 2 and finishes, instead of staying `running` for good."""
     client, start_worker = faults["client"], faults["start_worker"]
     gpu_id = f"restart-{uuid.uuid4().hex[:6]}"
     stack = start_worker(gpu_id)
     tag = new_tag(client)
-    experiment_id = submit(client, tag, exclusive_script(tmp_path, seconds=4))
+    experiment_id = submit(client, tag, exclusive_script(lock_dir, seconds=4))
     running(client, experiment_id)
     sigkill_tree(stack.processes.pop("gpu0"), parent_only=victims == "the worker's parent only")
     time.sleep(2)
@@ -165,12 +171,12 @@ def test_sigkilled_worker_restarted_within_5s_under_the_same_id_ends_its_run(fau
     start_worker(gpu_id)
     record = sweep_until_final(client, experiment_id, timeout_s=STALE_AFTER + 30)
     assert time.monotonic() - restarted_at < STALE_AFTER + 30
-    assert_trained_once_at_a_time(tmp_path, record)
+    assert_trained_once_at_a_time(lock_dir, record)
     assert [(r["attempt"], r["status"]) for r in record["runs"]] == [(1, "lost"), (2, "finished")]
     assert tag_row(faults["settings"], tag).total_experiments == 1
 
 
-def test_autoresearch_worker_killed_and_restarted_within_5s(faults, tmp_path):
+def test_autoresearch_worker_killed_and_restarted_within_5s(faults, tmp_path, lock_dir):
     """`autoresearch worker` execs Celery: the same as a worker of `up`, started by the command."""
     import subprocess
     import sys
@@ -190,24 +196,24 @@ def test_autoresearch_worker_killed_and_restarted_within_5s(faults, tmp_path):
     worker = start()
     try:
         tag = new_tag(client)
-        experiment_id = submit(client, tag, exclusive_script(tmp_path, seconds=4))
+        experiment_id = submit(client, tag, exclusive_script(lock_dir, seconds=4))
         running(client, experiment_id)
         sigkill_tree(worker)
         time.sleep(2)
         worker = start()
         record = sweep_until_final(client, experiment_id, timeout_s=STALE_AFTER + 30)
-        assert_trained_once_at_a_time(tmp_path, record)
+        assert_trained_once_at_a_time(lock_dir, record)
         assert [r["status"] for r in record["runs"]] == ["lost", "finished"]
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(30)
 
 
-def test_cancel_then_worker_sigkill_ends_cancelled_and_changes_no_counter(faults, tmp_path):
+def test_cancel_then_worker_sigkill_ends_cancelled_and_changes_no_counter(faults, lock_dir):
     client, start_worker = faults["client"], faults["start_worker"]
     stack = start_worker(f"cancel-{uuid.uuid4().hex[:6]}")
     tag = new_tag(client)
-    experiment_id = submit(client, tag, exclusive_script(tmp_path, seconds=30))
+    experiment_id = submit(client, tag, exclusive_script(lock_dir, seconds=30))
     running(client, experiment_id)
     assert client.post("/api/experiment/cancel", json={"experiment_id": experiment_id}).status_code == 200
     sigkill_tree(stack.processes.pop("gpu0"))
@@ -218,25 +224,25 @@ def test_cancel_then_worker_sigkill_ends_cancelled_and_changes_no_counter(faults
     assert (row.total_experiments, row.crashed_experiments, row.consecutive_crashes) == (0, 0, 0)
 
 
-def test_three_clean_restarts_during_one_run_charge_no_attempt(faults, tmp_path):
+def test_three_clean_restarts_during_one_run_charge_no_attempt(faults, lock_dir):
     client, start_worker = faults["client"], faults["start_worker"]
     gpu_id = f"clean-{uuid.uuid4().hex[:6]}"
     stack = start_worker(gpu_id)
     tag = new_tag(client)
-    experiment_id = submit(client, tag, exclusive_script(tmp_path, seconds=6))
+    experiment_id = submit(client, tag, exclusive_script(lock_dir, seconds=6))
     for _ in range(3):
         running(client, experiment_id)
         stack.stop("gpu0")  # SIGTERM, as Ctrl-C of `up` does: a warm shutdown
         stack = start_worker(gpu_id)
     record = wait_for(client, experiment_id, timeout_s=90)
-    assert_trained_once_at_a_time(tmp_path, record)
+    assert_trained_once_at_a_time(lock_dir, record)
     assert [(r["attempt"], r["status"]) for r in record["runs"]] == [
         (1, "released"), (1, "released"), (1, "released"), (1, "finished")]
     row = tag_row(faults["settings"], tag)
     assert (row.total_experiments, row.kept_experiments, row.consecutive_crashes) == (1, 1, 0)
 
 
-def test_redis_killed_with_one_run_queued_and_one_running(faults, tmp_path):
+def test_redis_killed_with_one_run_queued_and_one_running(faults):
     """SIGKILL of an embedded Redis (append-only file): the worker reconnects, the running run
     is recorded, the queued one still runs (resent by the sweep if its message was lost)."""
     start_worker, settings = faults["start_worker"], faults["settings"]
@@ -247,10 +253,9 @@ def test_redis_killed_with_one_run_queued_and_one_running(faults, tmp_path):
     try:
         start_worker(f"redis-{uuid.uuid4().hex[:6]}", broker_url=broker_url)
         tag = new_tag(api)
-        (tmp_path / "a").mkdir()
-        (tmp_path / "b").mkdir()
-        busy = submit(api, tag, exclusive_script(tmp_path / "a", seconds=5))
-        queued = submit(api, tag, exclusive_script(tmp_path / "b", seconds=1))
+        locks = {"busy": writable_by_train_py(), "queued": writable_by_train_py()}
+        busy = submit(api, tag, exclusive_script(locks["busy"], seconds=5))
+        queued = submit(api, tag, exclusive_script(locks["queued"], seconds=1))
         running(api, busy)
         pid = int((state / "redis" / "redis.pid").read_text())
         os.kill(pid, signal.SIGKILL)
@@ -263,7 +268,7 @@ def test_redis_killed_with_one_run_queued_and_one_running(faults, tmp_path):
             lost = runs.redispatch_lost_messages(session, present_task_ids=task_ids_in_broker(broker_url),
                                                  min_age_s=0)
         send_all(lost, broker_url)
-        for experiment_id, lock_dir in ((busy, tmp_path / "a"), (queued, tmp_path / "b")):
+        for experiment_id, lock_dir in ((busy, locks["busy"]), (queued, locks["queued"])):
             assert_trained_once_at_a_time(lock_dir, wait_for(api, experiment_id, timeout_s=90))
         assert tag_row(settings, tag).total_experiments == 2
     finally:
@@ -275,21 +280,18 @@ def start_redis_again(state: Path, port: int) -> str:
     return url
 
 
-def test_twenty_submissions_on_two_workers_each_finish_exactly_once(faults, tmp_path):
+def test_twenty_submissions_on_two_workers_each_finish_exactly_once(faults):
     client, start_worker = faults["client"], faults["start_worker"]
     suffix = uuid.uuid4().hex[:6]
     start_worker(f"twenty-a-{suffix}", index=0)
     start_worker(f"twenty-b-{suffix}", index=1)
     tag = new_tag(client)
-    ids = []
-    for number in range(20):
-        lock_dir = tmp_path / f"e{number}"
-        lock_dir.mkdir()
-        ids.append(submit(client, tag, exclusive_script(lock_dir, seconds=0.5)))
+    locks = [writable_by_train_py() for _ in range(20)]
+    ids = [submit(client, tag, exclusive_script(lock, seconds=0.5)) for lock in locks]
     records = [wait_for(client, experiment_id, timeout_s=180) for experiment_id in ids]
-    for number, record in enumerate(records):
-        assert_trained_once_at_a_time(tmp_path / f"e{number}", record)
-        assert (tmp_path / f"e{number}" / "starts").read_text().count("\n") == 1
+    for lock, record in zip(locks, records, strict=True):
+        assert_trained_once_at_a_time(lock, record)
+        assert (lock / "starts").read_text().count("\n") == 1
     assert len({r["gpu_id"] for r in records}) == 2
     row = tag_row(faults["settings"], tag)
     assert row.total_experiments == 20 and row.kept_experiments + row.discarded_experiments == 20

@@ -10,23 +10,22 @@ from __future__ import annotations
 import dataclasses
 import textwrap
 import uuid
-from pathlib import Path
 
 import pytest
 import redis
 from conftest_data import registration
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from test_workers import pool_entry, wait_for, wait_until
+from test_workers import pool_entry, wait_for, wait_until, writable_by_train_py
 
 from app.config import load_settings
 from app.stack import Stack
 from app.web import create_app
 
 
-def scripted(folder: Path, values: list[float]) -> str:
+def scripted(values: list[float]) -> str:
     """A train.py whose n-th run prints values[n] (the last one again after that) and its seed."""
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = writable_by_train_py()
     return textwrap.dedent(f"""
         import fcntl, os
         with open(os.path.join({str(folder)!r}, "count"), "a+") as f:
@@ -53,6 +52,7 @@ def pool(database_url, redis_url, tiny_cache, tmp_path, db):
             load_settings({}), database_url=database_url, broker_url=redis_url, result_backend=redis_url,
             external_database=True, external_broker=True, state_dir=tmp_path / "state", cache_dir=tiny_cache,
             default_profile="tiny", heartbeat_interval=1.0, stale_after=5.0, baseline_runs=3, verdict_policy=policy,
+            trusted_scoring=False,  # the scripted val_bpb is the point here: the printed number stands
         )
         redis.Redis.from_url(redis_url).flushdb()
         stack = Stack(settings, tmp_path / "logs")
@@ -83,10 +83,10 @@ def submit(client, tag: str, source: str) -> str:
     return response.get_json()["experiment_id"]
 
 
-def test_baseline_replicates_then_a_confirmed_candidate_ends_with_one_verdict(pool, tmp_path):
+def test_baseline_replicates_then_a_confirmed_candidate_ends_with_one_verdict(pool):
     client = pool("sequential")
     tag = new_tag(client)
-    baseline = wait_for(client, submit(client, tag, scripted(tmp_path / "base", [1.500, 1.501, 1.502])))
+    baseline = wait_for(client, submit(client, tag, scripted([1.500, 1.501, 1.502])))
     assert baseline["status"] == "keep"
     assert [r["purpose"] for r in baseline["runs"]] == ["baseline"] * 3
     assert baseline["run_count"] == 3 and baseline["val_bpb"] == pytest.approx(1.501)
@@ -96,7 +96,7 @@ def test_baseline_replicates_then_a_confirmed_candidate_ends_with_one_verdict(po
     assert noise["by_gpu_model"]["cpu"]["sigma"] == pytest.approx(0.001)
 
     # Half a sigma better: promising, not clear. The sequential test runs it again until it is.
-    candidate = wait_for(client, submit(client, tag, scripted(tmp_path / "cand", [1.5005])))
+    candidate = wait_for(client, submit(client, tag, scripted([1.5005])))
     assert candidate["status"] == "keep", candidate
     runs = candidate["runs"]
     assert [r["purpose"] for r in runs] == ["first", "confirm", "confirm"]
@@ -108,7 +108,7 @@ def test_baseline_replicates_then_a_confirmed_candidate_ends_with_one_verdict(po
     assert f"seed: {runs[-1]['seed']}" in client.get(f"/api/experiment/{candidate['id']}/log").get_json()["log"]
 
     # A clearly worse one is dropped after its first run: no confirmation spent on it.
-    worse = wait_for(client, submit(client, tag, scripted(tmp_path / "worse", [1.510])))
+    worse = wait_for(client, submit(client, tag, scripted([1.510])))
     assert worse["status"] == "discard" and worse["run_count"] == 1 and worse["z"] < 0
     summary = client.post("/api/report/summary", json={"tag": tag}).get_json()
     assert summary["best"]["experiment_id"] == candidate["id"]
@@ -119,15 +119,15 @@ def noise_after(client, tag: str) -> float:
     return client.post("/api/report/summary", json={"tag": tag}).get_json()["noise"]["sigma"]
 
 
-def test_single_policy_decides_as_the_seed_did(pool, tmp_path):
+def test_single_policy_decides_as_the_seed_did(pool):
     """One run each, strict less-than against the best's one run, the first always kept."""
     client = pool("single")
     tag = new_tag(client)
     values = [1.50, 1.49, 1.49, 1.495, 1.48]
     expected = ["keep", "keep", "discard", "discard", "keep"]
     decided = []
-    for number, value in enumerate(values):
-        record = wait_for(client, submit(client, tag, scripted(tmp_path / f"e{number}", [value])))
+    for value in values:
+        record = wait_for(client, submit(client, tag, scripted([value])))
         assert record["run_count"] == 1 and [r["purpose"] for r in record["runs"]] == ["first"]
         decided.append(record["status"])
     assert decided == expected

@@ -19,13 +19,13 @@ from conftest_data import registration
 
 from app.config import PROJECT_ROOT
 from app.db import transaction
-from app.models import Tag
+from app.models import FINISHED_STATUSES, Tag
 from app.stack import Stack, settings_env
 from app.web import create_app
 
 TRAIN_PY = (PROJECT_ROOT / "train.py").read_text()
 RUN_TIMEOUT_S = 240  # generous: two real tiny runs share two cores
-FINISHED = {"keep", "discard", "crash", "timeout", "cancelled"}
+FINISHED = set(FINISHED_STATUSES)
 
 
 def summary_script(profile: str = "tiny", sleep_s: float = 0.0) -> str:
@@ -189,8 +189,10 @@ def test_two_workers_train_two_real_runs_at_once_and_keep_the_better(cluster):
     row = tag_row(cluster["settings"], tag)
     assert row.total_experiments == 2 and row.kept_experiments + row.discarded_experiments == 2
     assert row.best_val_bpb == min(r["val_bpb"] for r in records)
+    # The stored log tail: train.py's summary (its val_bpb is the worker's evaluator's, not printed
+    # by a sandboxed train.py, which has no validation split).
     log = client.get(f"/api/experiment/{first}/log").get_json()["log"]
-    assert "val_bpb:" in log and "num_steps:" in log
+    assert "num_steps:" in log and "training_seconds:" in log
     for i in (0, 1):
         wait_until(lambda i=i: pool_entry(client, gpu_ids[i])["status"] == "idle", 10, "workers idle again")
 

@@ -9,6 +9,7 @@ parent gone (it renews the lease), train.py is stopped and nothing is recorded.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -22,7 +23,7 @@ from app.config import PROJECT_ROOT, Settings
 from app.db import transaction
 from app.dispatch import send_all
 from app.errors import Conflict
-from app.models import CANCELLED, CRASH, FINISHED, TIMEOUT
+from app.models import CANCELLED, CRASH, FINISHED, PRUNED, TIMEOUT
 from app.services import lifecycle
 from workers import evaluator, sandbox
 from workers.fingerprint import digest
@@ -117,9 +118,11 @@ def train(run_id: str, *, settings: Settings, redelivered: bool = False) -> dict
             return
         try:
             with transaction(settings.database_url) as session:
-                standing = lifecycle.report_progress(session, run_id=claim.run_id, token=holder.token,
-                                                     progress=progress,
-                                                     log_tail=tail_log(run_dir / "train.log", STORED_LOG_BYTES))
+                latest = lifecycle.report_progress(session, run_id=claim.run_id, token=holder.token,
+                                                   progress=progress,
+                                                   log_tail=tail_log(run_dir / "train.log", STORED_LOG_BYTES))
+            # A prune, once decided, stands until the run is stopped.
+            standing = dataclasses.replace(latest, prune=latest.prune or standing.prune)
         except DATABASE_DOWN as exc:
             log.warning("progress of %s not stored (database unreachable): %s", claim.run_id, exc.orig)
 
@@ -128,7 +131,8 @@ def train(run_id: str, *, settings: Settings, redelivered: bool = False) -> dict
 
     def should_stop() -> bool:
         look(None)
-        return not standing.held or standing.cancel_requested or os.getppid() != parent
+        return (not standing.held or standing.cancel_requested or standing.prune is not None
+                or os.getppid() != parent)
 
     try:
         result = run_training(
@@ -143,6 +147,11 @@ def train(run_id: str, *, settings: Settings, redelivered: bool = False) -> dict
     if not standing.held or os.getppid() != parent:
         log.warning("run %s stopped: this worker no longer holds it", claim.run_id)
         return {"run_id": claim.run_id, "status": "superseded"}
+    if standing.prune is not None:
+        pruned = lifecycle.RunReport(PRUNED, error=f"stopped early: {standing.prune}",
+                                     log_tail=tail_log(result.log_path, STORED_LOG_BYTES))
+        return until_database_answers(lambda: finish(settings, holder, claim, pruned, policy),
+                                      what=f"result of {claim.run_id}", give_up_after_s=settings.record_retry_s)
     return until_database_answers(lambda: record(settings, holder, claim, result, policy),
                                   what=f"result of {claim.run_id}", give_up_after_s=settings.record_retry_s)
 
@@ -215,10 +224,15 @@ def record(settings: Settings, holder: lifecycle.Holder, claim: lifecycle.Claim,
     if result.status == "finished" and (settings.trusted_scoring or os.path.lexists(artifact)):
         evaluation = _evaluation(claim.run_id, artifact, claim.profile, settings.cache_dir,
                                  os.environ.get("CUDA_VISIBLE_DEVICES", str(holder.gpu_index)))
+    return finish(settings, holder, claim, report_of(claim, result, evaluation), policy)
+
+
+def finish(settings: Settings, holder: lifecycle.Holder, claim: lifecycle.Claim, report: lifecycle.RunReport,
+           policy: lifecycle.Policy) -> dict:
     try:
         with transaction(settings.database_url) as session:
             outcome = lifecycle.finish_run(session, run_id=claim.run_id, token=holder.token, policy=policy,
-                                           report=report_of(claim, result, evaluation))
+                                           report=report)
     except Conflict as exc:
         # Superseded (requeued after this worker looked dead) or finished elsewhere: the record
         # that stands is the other one; this run's result is dropped, never written twice.

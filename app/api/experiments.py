@@ -35,7 +35,7 @@ def check_category(category: str) -> None:
           request_model=schemas.SetupCreate, response_model=schemas.SetupPublic)
 def setup(session, body: schemas.SetupCreate):
     profile = check_profile(body.profile or settings().default_profile)
-    tag = svc.setup_tag(session, name=body.tag, profile=profile)
+    tag = svc.setup_tag(session, name=body.tag, profile=profile, early_stopping=body.early_stopping)
     return {"tag": svc.tag_public(tag), "branch": tag.branch}
 
 
