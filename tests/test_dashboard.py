@@ -142,6 +142,7 @@ def stack(database_url, redis_url, tiny_cache, tmp_path_factory):
         load_settings({}), database_url=database_url, broker_url=redis_url, result_backend=redis_url,
         external_database=True, external_broker=True, state_dir=state, cache_dir=tiny_cache,
         default_profile="tiny", kill_timeout=300.0, heartbeat_interval=1.0, stale_after=4.0,
+        trusted_scoring=False,  # stand-in train.py files: their printed number stands
     )
     redis.Redis.from_url(redis_url).flushdb()
     gpu_id = f"dash{uuid.uuid4().hex[:6]}-gpu{GPU_INDEX}"
@@ -455,3 +456,36 @@ def test_morning_report_is_written_self_contained_with_kept_diffs(settings, data
     screenshot(tab, tmp_path, "morning-report")
     context.close()
     assert [url for url in fetched if not url.startswith("data:")] == [report.as_uri()]
+
+
+def test_a_worker_on_another_host_shows_its_log_and_curve(page, stack, tmp_path):
+    """A worker with a state folder of its own (another machine, as far as files go) and its own
+    --gpu-id: its run's log tail and loss curve come from the database, so the API and the page
+    show them after the worker's files are gone."""
+    server, settings = stack["server"], stack["settings"]
+    remote_state = tmp_path / "remote-host"
+    gpu_id = f"remote{uuid.uuid4().hex[:6]}@elsewhere"
+    remote = Stack(dataclasses.replace(settings, state_dir=remote_state), remote_state / "logs")
+    remote.start_gpu_worker(8, cpu=True, gpu_id=gpu_id, hostname=f"{gpu_id.split('@')[0]}@%h")
+    try:
+        wait_until(lambda: any(w["id"] == gpu_id for w in server.api("GET", "/api/pool/list").json()["workers"]),
+                   60, "the remote worker")
+        tag = new_tag(server)
+        experiment_id = submit(server, tag, slow_progress_script(steps=12, every_s=0.3), "on another host",
+                               gpu_index=None, gpu_id=gpu_id)
+        finished = verdict(server, experiment_id)
+    finally:
+        remote.stop_all()
+    assert finished["gpu_id"] == gpu_id and finished["status"] == "keep", (finished["status"], finished["error"], [
+        (r["status"], r["gpu_id"], r["error"]) for r in finished["runs"]])
+    shutil.rmtree(remote_state / "runs")  # nothing of the run is left on disk
+    log = server.api("GET", f"/api/experiment/{experiment_id}/log").json()["log"]
+    assert "val_bpb:" in log and "step 12 |" in log
+    curve = finished["runs"][0]["curve"]
+    assert len(curve) >= 2 and curve[-1]["step"] > curve[0]["step"]
+    page.goto(f"{server.url}/experiment/{experiment_id}")
+    expect(page.locator("#log")).to_contain_text("val_bpb:")
+    chart = page.locator("#loss-chart")
+    expect(chart.locator("canvas")).to_have_count(1)
+    assert int(chart.get_attribute("data-points")) == len(curve)
+    screenshot(page, tmp_path, "experiment-remote-host")

@@ -28,6 +28,7 @@ def one_worker(state: Path, database_url: str, broker_url: str, cache: Path, nam
         load_settings({}), database_url=database_url, broker_url=broker_url, result_backend=broker_url,
         external_database=True, external_broker=True, state_dir=state / "state", cache_dir=cache,
         default_profile="tiny", kill_timeout=120, heartbeat_interval=1.0,
+        trusted_scoring=False,  # stand-in train.py files: their printed number stands
     )
     gpu_id = f"{name}-{uuid.uuid4().hex[:6]}"
     stack = Stack(settings, state / "logs")
