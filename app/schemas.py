@@ -154,6 +154,7 @@ class Progress(Response):
     tokens_per_sec: float | None = None
     mfu_percent: float | None = None
     remaining_s: float | None = None
+    step_ms: float | None = None
 
 
 class RunPublic(Response):
@@ -196,6 +197,8 @@ class RunPublic(Response):
     error: str | None
     progress: Progress | None
     curve: list[Progress] | None = Field(description="every progress report of the run, in order")
+    compile_seconds: float | None = Field(
+        default=None, description="wall time of step 0, which torch.compile's tracing and kernel builds dominate")
     fingerprint: dict[str, Any] | None = Field(
         default=None, description="sha256 of the fixed files, tokenizer, manifest and validation shard; GPU model, "
         "driver, torch: the setup the run was scored with")

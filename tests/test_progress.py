@@ -33,6 +33,7 @@ def test_parse_progress_full_line():
         "tokens_per_sec": 1680000.0,
         "mfu_percent": 40.5,
         "remaining_s": 258.0,
+        "step_ms": 312.0,
     }
 
 
@@ -45,6 +46,7 @@ def test_parse_progress_missing_extra_and_reordered_fields():
         "tokens_per_sec": None,
         "mfu_percent": None,
         "remaining_s": 12.5,
+        "step_ms": None,
     }
     assert set(parsed) == set(PROGRESS_KEYS)
 

@@ -25,7 +25,7 @@ import re
 
 # Keys of the dict parse_progress returns. Missing fields come back as None, so callers
 # always see the same shape.
-PROGRESS_KEYS = ("step", "progress_pct", "loss", "tokens_per_sec", "mfu_percent", "remaining_s")
+PROGRESS_KEYS = ("step", "progress_pct", "loss", "tokens_per_sec", "mfu_percent", "remaining_s", "step_ms")
 
 # Field name as printed -> (key in the result, unit suffix to strip, type).
 # Unknown fields (lrm, dt, anything an agent adds) are ignored.
@@ -36,6 +36,8 @@ _PROGRESS_FIELDS = {
     "tok/s": ("tokens_per_sec", "", float),
     "mfu": ("mfu_percent", "%", float),
     "remaining": ("remaining_s", "s", float),
+    # The step's wall time; step 0's includes torch.compile, so it is the run's compile time.
+    "dt": ("step_ms", "ms", float),
 }
 
 # Lines are split on \r too: train scripts often redraw one terminal line with "\r".
@@ -43,7 +45,7 @@ _LINE_SPLIT = re.compile(r"[\r\n]+")
 
 
 def parse_progress(line: str) -> dict | None:
-    """One progress line -> {step, progress_pct, loss, tokens_per_sec, mfu_percent, remaining_s}.
+    """One progress line -> {step, progress_pct, loss, tokens_per_sec, mfu_percent, remaining_s, step_ms}.
 
     Returns None when the line is not a progress line (it must start with "step <int>").
     Optional fields that are missing or unreadable are None; loss may be nan (a diverging run

@@ -181,7 +181,17 @@ RUN_TIMES = ("lease_expires_at", "queued_at", "claimed_at", "training_started_at
 
 
 def run_public(run: Run) -> dict:
-    return {**{name: getattr(run, name) for name in RUN_FIELDS}, **{name: _iso(getattr(run, name)) for name in RUN_TIMES}}
+    return {**{name: getattr(run, name) for name in RUN_FIELDS}, **{name: _iso(getattr(run, name)) for name in RUN_TIMES},
+            "compile_seconds": compile_seconds(run.curve)}
+
+
+def compile_seconds(curve: list | None) -> float | None:
+    """Step 0's wall time from the curve's first point: torch.compile's tracing and kernel builds
+    happen in it (a warm compile cache shows as a short step 0)."""
+    first = (curve or [None])[0]
+    if not first or first.get("step") != 0 or first.get("step_ms") is None:
+        return None
+    return first["step_ms"] / 1000
 
 
 def current_run(experiment: Experiment) -> Run | None:
