@@ -201,7 +201,7 @@ def read_submission(train_py: str | Path = "train.py", commit: str | None = None
 
 def submission_fields(client: Client, *, tag: str, description: str, hypothesis: str, category: str,
                       train_py: str | Path = "train.py", commit: str | None = None, parent: str | None = None,
-                      diff_summary: str = "", gpu_index: int | None = None,
+                      diff_summary: str = "", gpu_index: int | None = None, gpu_id: str | None = None,
                       acknowledge_crashes: bool = False) -> dict[str, Any]:
     """The body of /api/experiment/submit. `parent="best"` means the tag's best at this moment
     (none before the first result)."""
@@ -216,6 +216,8 @@ def submission_fields(client: Client, *, tag: str, description: str, hypothesis:
         fields["parent_id"] = parent_id
     if gpu_index is not None:
         fields["gpu_index"] = gpu_index
+    if gpu_id is not None:
+        fields["gpu_id"] = gpu_id
     return fields
 
 
@@ -298,7 +300,7 @@ def cmd_submit(client: Client, args) -> int:
     fields = submission_fields(
         client, tag=args.tag, description=args.description, hypothesis=args.hypothesis, category=args.category,
         train_py=args.train_py, commit=args.commit, parent=args.parent, diff_summary=args.diff_summary,
-        gpu_index=args.gpu_index, acknowledge_crashes=args.acknowledge_crashes,
+        gpu_index=args.gpu_index, gpu_id=args.gpu_id, acknowledge_crashes=args.acknowledge_crashes,
     )
     _emit(args, client.submit(fields), _experiment_table)
     return 0
@@ -399,6 +401,8 @@ def add_client_commands(commands) -> None:
     submit.add_argument("--train-py", default="train.py", metavar="PATH", help="default ./train.py")
     submit.add_argument("--commit", metavar="SHA", help="record this commit instead of HEAD of train.py's repository")
     submit.add_argument("--gpu-index", type=int, metavar="N", help="pin to GPU N (default: the first idle GPU)")
+    submit.add_argument("--gpu-id", metavar="ID", help="pin to this GPU of the pool, e.g. gpu0@host (unambiguous "
+                        "across machines)")
     submit.add_argument("--acknowledge-crashes", action="store_true",
                         help="submit although the tag hit its consecutive-crash limit")
 

@@ -45,17 +45,18 @@ def build_server(client: Client) -> MCPServer:
     @server.tool()
     def submit(tag: str, description: str, hypothesis: str, category: str, parent_id: str | None = None,
                train_py: str = "train.py", commit_sha: str | None = None, diff_summary: str = "",
-               gpu_index: int | None = None, acknowledge_crashes: bool = False) -> dict[str, Any]:
+               gpu_index: int | None = None, gpu_id: str | None = None,
+               acknowledge_crashes: bool = False) -> dict[str, Any]:
         """Queue train.py for training. It reads the file (a path relative to this server's working
         directory, or absolute) and records HEAD of its git repository, which must match the file
         (commit first), unless commit_sha is given. parent_id is the experiment this builds on,
-        "best" for the tag's current best. category: architecture, optimizer, hyperparams,
+        "best" for the tag's current best. gpu_id (e.g. gpu0@host) or gpu_index pins one GPU. category: architecture, optimizer, hyperparams,
         activation, attention, embedding, normalization, regularization, scheduling,
         initialization, simplification, combination, ablation, other. Answers the experiment_id."""
         return _answer(lambda: client.submit(submission_fields(
             client, tag=tag, description=description, hypothesis=hypothesis, category=category,
             train_py=train_py, commit=commit_sha, parent=parent_id, diff_summary=diff_summary,
-            gpu_index=gpu_index, acknowledge_crashes=acknowledge_crashes,
+            gpu_index=gpu_index, gpu_id=gpu_id, acknowledge_crashes=acknowledge_crashes,
         )))
 
     @server.tool()

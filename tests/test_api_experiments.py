@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest_data import registration
 
 SHA = "abc1234def"
 
@@ -300,3 +301,15 @@ def test_completion_accepts_integers_for_float_metrics(client):
     setup_tag(client)
     decision = complete(client, register(client), 1, peak_vram_mb=45060, training_seconds=300)
     assert decision["val_bpb"] == 1.0
+
+
+def test_complete_and_crash_are_refused_for_a_submitted_experiment(client):
+    """A submitted experiment is scored by the worker: the agent cannot report its numbers."""
+    client.post("/api/experiment/setup", json={"tag": "dispatched", "profile": "tiny"})
+    submitted = client.post("/api/experiment/submit",
+                            json=registration("dispatched", train_py="print('x')\n")).get_json()
+    for path, body in (("/api/experiment/complete", {"val_bpb": 0.01}), ("/api/experiment/crash", {"error": "x"})):
+        response = client.post(path, json={"experiment_id": submitted["experiment_id"], **body})
+        assert response.status_code == 409 and "score comes from the worker" in response.get_json()["error"]
+    record = client.get(f"/api/experiment/{submitted['experiment_id']}").get_json()
+    assert record["status"] == "queued" and record["scored_by"] == "worker"
