@@ -481,11 +481,12 @@ def test_a_worker_on_another_host_shows_its_log_and_curve(page, stack, tmp_path)
     shutil.rmtree(remote_state / "runs")  # nothing of the run is left on disk
     log = server.api("GET", f"/api/experiment/{experiment_id}/log").json()["log"]
     assert "val_bpb:" in log and "step 12 |" in log
-    curve = finished["runs"][0]["curve"]
-    assert len(curve) >= 2 and curve[-1]["step"] > curve[0]["step"]
+    for run in finished["runs"]:  # a tag's first experiment: its baseline replicates
+        assert run["gpu_id"] == gpu_id
+        assert len(run["curve"]) >= 2 and run["curve"][-1]["step"] > run["curve"][0]["step"]
     page.goto(f"{server.url}/experiment/{experiment_id}")
     expect(page.locator("#log")).to_contain_text("val_bpb:")
     chart = page.locator("#loss-chart")
     expect(chart.locator("canvas")).to_have_count(1)
-    assert int(chart.get_attribute("data-points")) == len(curve)
+    assert int(chart.get_attribute("data-points")) == sum(len(run["curve"]) for run in finished["runs"])
     screenshot(page, tmp_path, "experiment-remote-host")
