@@ -201,10 +201,9 @@ def _locked_experiment(session: Session, experiment_id: str) -> tuple[Tag, Exper
     return tag, experiment
 
 
-def runs_of(session: Session, experiment_id: str, *, lock: bool = False) -> list[Run]:
+def runs_of(session: Session, experiment_id: str) -> list[Run]:
+    """The experiment's runs, re-read (callers hold the experiment's lock, so they are current)."""
     query = select(Run).where(Run.experiment_id == experiment_id).order_by(Run.replicate, Run.attempt, Run.queued_at)
-    if lock:
-        query = query.with_for_update()
     return list(session.scalars(query.execution_options(populate_existing=True)))
 
 
