@@ -212,6 +212,8 @@ class Run(Base):
     num_steps: Mapped[int | None] = mapped_column(Integer)
     num_params_m: Mapped[float | None] = mapped_column(Float)
     depth: Mapped[int | None] = mapped_column(Integer)
+    # Step 0's wall time, which torch.compile dominates (workers.progress.step0_seconds).
+    compile_seconds: Mapped[float | None] = mapped_column(Float)
 
     error: Mapped[str | None] = mapped_column(Text)
     log_path: Mapped[str | None] = mapped_column(Text)

@@ -130,3 +130,12 @@ def test_parse_summary_rejects_bad_other_numbers():
         parse_summary("---\nval_bpb: 1.0\nmfu_percent: inf\n")
     with pytest.raises(ValueError, match="num_steps"):
         parse_summary("---\nval_bpb: 1.0\nnum_steps: 2.5\n")
+
+
+def test_step0_seconds_is_the_first_progress_line_when_it_is_step_0():
+    from workers.progress import step0_seconds
+
+    log = "Profile: tiny\nstep 0 | progress 0.0% | loss 9.0 | dt 45700ms | tok/s 11\n" + LINE + "\n"
+    assert step0_seconds(log) == 45.7
+    assert step0_seconds(LINE + "\n") is None  # the log starts later: no step 0 to read
+    assert step0_seconds("no progress at all\n") is None

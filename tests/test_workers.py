@@ -179,9 +179,9 @@ def test_two_workers_train_two_real_runs_at_once_and_keep_the_better(cluster):
         assert r["profile"] == "tiny"
         assert math.isfinite(r["val_bpb"]) and r["val_bpb"] > 0
         assert r["num_steps"] > 0 and r["num_params_m"] > 0 and r["total_seconds"] > 0
-        # Each run's curve, from its first step (whose wall time is the compile time) on.
+        # Each run's curve, and step 0's wall time (the compile time) from its log.
         for run in r["runs"]:
-            assert run["curve"][0]["step"] == 0 and run["compile_seconds"] > 0
+            assert run["curve"] and run["compile_seconds"] > 0
     # The runs overlapped in time.
     a, b = records
     assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]

@@ -87,6 +87,16 @@ def last_progress(text: str) -> dict | None:
     return None
 
 
+def step0_seconds(text: str) -> float | None:
+    """The wall time of step 0, whose progress line comes first: torch.compile traces and builds
+    its kernels during it, so it is the run's compile time (short with a warm cache)."""
+    for line in _LINE_SPLIT.split(text):
+        parsed = parse_progress(line)
+        if parsed is not None:
+            return parsed["step_ms"] / 1000 if parsed["step"] == 0 and parsed["step_ms"] is not None else None
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Summary block
 

@@ -29,6 +29,7 @@ from workers import evaluator, sandbox
 from workers.fingerprint import digest
 from workers.gpu import list_gpus
 from workers.heartbeat import identity
+from workers.progress import step0_seconds
 from workers.runner import LOG_TAIL_CHARS, RunResult, run_training, tail_log
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,12 @@ def hand_back(settings: Settings, holder: lifecycle.Holder, claim: lifecycle.Cla
     log.info("handed back run %s (%s)", claim.run_id, outcome.status)
 
 
+def head_of_log(path: Path, max_bytes: int = 256 * 1024) -> str:
+    """The start of a training log, where step 0's progress line is."""
+    with open(path, "rb") as f:
+        return f.read(max_bytes).decode("utf-8", errors="replace")
+
+
 def report_of(claim: lifecycle.Claim, result: RunResult,
               evaluation: evaluator.Evaluation | None = None) -> lifecycle.RunReport:
     """How the run ended, in the lifecycle's terms. With an evaluation (trusted scoring), val_bpb
@@ -197,6 +204,7 @@ def report_of(claim: lifecycle.Claim, result: RunResult,
         return lifecycle.RunReport(CRASH, error=result.error or result.log_tail[-LOG_TAIL_CHARS:], log_tail=log_tail)
     # The summary block says total_tokens_M; the records say total_tokens_m.
     metrics = {key.lower(): value for key, value in summary.items()}
+    metrics["compile_seconds"] = step0_seconds(head_of_log(result.log_path))
     if evaluation is None:  # TRUSTED_SCORING off: the summary's number stands
         return lifecycle.RunReport(FINISHED, metrics=metrics, log_tail=log_tail)
     reported = metrics.pop("val_bpb", None)

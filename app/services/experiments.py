@@ -175,23 +175,13 @@ def tag_public(tag: Tag) -> dict:
 RUN_FIELDS = ("id", "experiment_id", "replicate", "attempt", "purpose", "seed", "status", "scored_by", "gpu_id", "gpu_index",
               "gpu_model", "host", "lease_holder", "task_id", "queue", "profile", "val_bpb", "reported_val_bpb",
               "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_m", "num_steps",
-              "num_params_m", "depth", "error", "progress", "curve", "fingerprint",
+              "num_params_m", "depth", "compile_seconds", "error", "progress", "curve", "fingerprint",
               "scoring", "score_mismatch")
 RUN_TIMES = ("lease_expires_at", "queued_at", "claimed_at", "training_started_at", "finished_at")
 
 
 def run_public(run: Run) -> dict:
-    return {**{name: getattr(run, name) for name in RUN_FIELDS}, **{name: _iso(getattr(run, name)) for name in RUN_TIMES},
-            "compile_seconds": compile_seconds(run.curve)}
-
-
-def compile_seconds(curve: list | None) -> float | None:
-    """Step 0's wall time from the curve's first point: torch.compile's tracing and kernel builds
-    happen in it (a warm compile cache shows as a short step 0)."""
-    first = (curve or [None])[0]
-    if not first or first.get("step") != 0 or first.get("step_ms") is None:
-        return None
-    return first["step_ms"] / 1000
+    return {**{name: getattr(run, name) for name in RUN_FIELDS}, **{name: _iso(getattr(run, name)) for name in RUN_TIMES}}
 
 
 def current_run(experiment: Experiment) -> Run | None:

@@ -461,7 +461,8 @@ class RunReport:
 
 
 RUN_METRICS = ("profile", "val_bpb", "reported_val_bpb", "training_seconds", "total_seconds", "peak_vram_mb",
-               "mfu_percent", "total_tokens_m", "num_steps", "num_params_m", "depth", "scoring", "score_mismatch")
+               "mfu_percent", "total_tokens_m", "num_steps", "num_params_m", "depth", "scoring", "score_mismatch",
+               "compile_seconds")
 
 
 def finish_run(session: Session, *, run_id: str, token: str | None, report: RunReport, policy: Policy) -> Outcome:
