@@ -87,10 +87,14 @@ def post(base: str, path: str, body: dict) -> dict:
 
 def print_table(records: list[dict]) -> None:
     print()
-    print(f"{'experiment':<24} {'status':<8} {'val_bpb':>9} {'delta':>9} {'steps':>6} {'train s':>8}  description")
+    # val_bpb is the mean of the experiment's runs; z is its gain over the best in standard errors.
+    print(f"{'experiment':<24} {'status':<8} {'val_bpb':>9} {'runs':>4} {'delta':>9} {'z':>6} {'steps':>6} "
+          f"{'train s':>8}  description")
     for r in records:
         val = f"{r['val_bpb']:.6f}" if r["val_bpb"] is not None else "-"
         delta = f"{r['delta']:+.6f}" if r["delta"] is not None else "-"
+        z = f"{r['z']:+.2f}" if r.get("z") is not None else "-"
         steps = r["num_steps"] if r["num_steps"] is not None else "-"
         seconds = f"{r['training_seconds']:.1f}" if r["training_seconds"] is not None else "-"
-        print(f"{r['id']:<24} {r['status']:<8} {val:>9} {delta:>9} {steps:>6} {seconds:>8}  {r['description']}")
+        print(f"{r['id']:<24} {r['status']:<8} {val:>9} {r.get('run_count', 1):>4} {delta:>9} {z:>6} {steps:>6} "
+              f"{seconds:>8}  {r['description']}")
