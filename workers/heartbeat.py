@@ -142,9 +142,10 @@ class Heartbeat(bootsteps.StartStopStep):
 
     def hand_back(self):
         """A clean shutdown charges no attempt: the pool child, told by SIGTERM, stops train.py
-        and releases its run (workers.training). The parent never releases a run itself, since it
-        cannot know that train.py has stopped; a child that fails to hand back leaves a lease to
-        expire."""
+        and releases its run (workers.training). Whatever it did not release is released here,
+        but only once no pool child is left: train.py dies with its parent (PR_SET_PDEATHSIG), so
+        then nothing of this worker trains the run any more. A child that will not stop leaves
+        its lease to expire."""
         try:
             with transaction(self.settings.database_url) as session:
                 held = lifecycle.held_runs(session, holder=self.holder)
@@ -159,5 +160,13 @@ class Heartbeat(bootsteps.StartStopStep):
                 child.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(children, timeout=HANDBACK_WAIT_S)
-        log.info("asked %d pool process(es) to hand back %s", len(children), ", ".join(held))
+        _, alive = psutil.wait_procs(children, timeout=HANDBACK_WAIT_S)
+        if alive:
+            log.warning("the pool child did not stop; the lease of %s will expire", ", ".join(held))
+            return
+        with transaction(self.settings.database_url) as session:
+            outcomes = [lifecycle.lose_run(session, run_id=run_id, token=self.holder.token, policy=self.policy,
+                                           charge=False, reason=f"handed back: {self.holder.gpu_id} shut down")
+                        for run_id in lifecycle.held_runs(session, holder=self.holder)]
+        send_all([d for o in outcomes for d in o.dispatches], self.settings.broker_url)
+        log.info("handed back %s", ", ".join(held))

@@ -128,7 +128,7 @@ def run_training(
     child_env = {**allowed_environment(dict(os.environ)), **sandbox.account_env(account, sandbox_dir),
                  "PYTHONUNBUFFERED": "1", **env}  # unbuffered: live progress
 
-    with _sigterm_raises_system_exit():
+    with sigterm_raises_system_exit():
         started_at = time.time()
         deadline = time.monotonic() + timeout_s
         proc = None
@@ -359,7 +359,7 @@ def _wait_group_gone(proc: subprocess.Popen, timeout_s: float) -> bool:
 
 
 @contextlib.contextmanager
-def _sigterm_raises_system_exit() -> Iterator[None]:
+def sigterm_raises_system_exit() -> Iterator[None]:
     """Turn SIGTERM into SystemExit while a run is in progress, so `finally` kills the group.
 
     With the default disposition SIGTERM ends the process at once and no cleanup runs; train.py

@@ -30,7 +30,7 @@ from workers.fingerprint import digest
 from workers.gpu import list_gpus
 from workers.heartbeat import identity
 from workers.progress import step0_seconds
-from workers.runner import LOG_TAIL_CHARS, RunResult, run_training, tail_log
+from workers.runner import LOG_TAIL_CHARS, RunResult, run_training, sigterm_raises_system_exit, tail_log
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +135,20 @@ def train(run_id: str, *, settings: Settings, redelivered: bool = False) -> dict
         return (not standing.held or standing.cancel_requested or standing.prune is not None
                 or os.getppid() != parent)
 
-    try:
-        result = run_training(
-            claim.train_py, run_dir, env=child_env(settings, claim.profile, holder.gpu_index, claim.seed),
-            timeout_s=settings.run_deadline_s(claim.profile), sandbox_dir=settings.sandbox_dir,
-            should_cancel=should_stop, on_progress=on_progress,
-        )
-    except SystemExit:
-        # The worker is shutting down (SIGTERM): train.py's group is gone; hand the run back.
-        until_database_answers(lambda: hand_back(settings, holder, claim, policy), what=f"hand-back of {run_id}")
-        raise
+    # From here on a SIGTERM (the worker shutting down) hands the run back, also while the run's
+    # environment and cache view are still being prepared, before train.py has started.
+    with sigterm_raises_system_exit():
+        try:
+            result = run_training(
+                claim.train_py, run_dir, env=child_env(settings, claim.profile, holder.gpu_index, claim.seed),
+                timeout_s=settings.run_deadline_s(claim.profile), sandbox_dir=settings.sandbox_dir,
+                should_cancel=should_stop, on_progress=on_progress,
+            )
+        except SystemExit:
+            # train.py's group, if it started, is gone: hand the run back.
+            until_database_answers(lambda: hand_back(settings, holder, claim, policy),
+                                   what=f"hand-back of {run_id}")
+            raise
     if not standing.held or os.getppid() != parent:
         log.warning("run %s stopped: this worker no longer holds it", claim.run_id)
         return {"run_id": claim.run_id, "status": "superseded"}
