@@ -7,9 +7,11 @@ recovery, worker start-up and shutdown, and the seed's manual mode all call thes
 Each move is one conditional UPDATE: on the status it leaves (from the transition tables
 below) and, for a run a worker holds, on its lease token. Zero rows means someone else got
 there first (a cancel, a sweep, a newer attempt): that is an answer, not an error, and the
-caller drops what it wanted to write. Locks are taken tag, then experiment, then runs, and
-locked reads re-read (populate_existing), so two decisions on one tag never interleave and a
-stale object in the session never decides twice.
+caller drops what it wanted to write. Locks are taken tag, then experiment, then its runs, then
+GPU rows, and a transaction that ends runs of several experiments takes them in tag order:
+taken in any other order, two transactions (the sweep and a restarting worker, say) can
+deadlock. Locked reads re-read (populate_existing), so two decisions on one tag never
+interleave and a stale object in the session never decides twice.
 
 Liveness is the run's lease: the worker that claims a run holds it under its incarnation's
 token and renews it from its parent process; the sweep expires leases that were not renewed,
@@ -177,11 +179,14 @@ def move_experiment(session: Session, experiment_id: str, to: str, *, only_from:
 
 
 def move_run(session: Session, run_id: str, to: str, *, token: str | None = None,
-             only_from: Iterable[str] | None = None, **values) -> bool:
-    """Move a run to `to` if its status allows it and, with `token`, only while that lease holds it."""
+             only_from: Iterable[str] | None = None, lease_expired: bool = False, **values) -> bool:
+    """Move a run to `to` if its status allows it and, with `token`, only while that lease holds
+    it; with `lease_expired`, only if its lease has not been renewed meanwhile."""
     where = [Run.id == run_id, Run.status.in_(_sources(RUN_MOVES, to, only_from))]
     if token is not None:
         where.append(Run.lease_token == token)
+    if lease_expired:
+        where.append(Run.lease_expires_at < func.now())
     row = session.execute(
         update(Run).where(*where).values(status=to, **values).returning(Run.id)
         .execution_options(synchronize_session=False)
@@ -314,8 +319,11 @@ def claim(session: Session, *, run_id: str, holder: Holder, lease_s: float) -> C
     registered in the pool takes runs: one that deregistered to shut down raises Draining. The
     tag's first claim pins the worker's setup to the tag; a worker of another setup raises
     SetupMismatch and leaves the run queued."""
-    # Pin first, as a statement of its own: its row lock makes two first claims from different
-    # setups take turns, and the second then compares with what the first pinned.
+    experiment_id = session.scalar(select(Run.experiment_id).where(Run.id == run_id))
+    if experiment_id is not None:
+        # In lock order, before the run's row; the tag's lock also makes two first claims from
+        # different setups take turns, and the second compares with what the first pinned.
+        _locked_experiment(session, experiment_id)
     session.execute(text(
         """
         UPDATE tags t SET fingerprint = CAST(:fingerprint AS json)
@@ -441,9 +449,16 @@ def renew_leases(session: Session, *, holder: Holder, lease_s: float) -> list[st
     ))
 
 
-def held_runs(session: Session, *, holder: Holder) -> list[str]:
-    return list(session.scalars(select(Run.id).where(
-        Run.lease_holder == holder.gpu_id, Run.lease_token == holder.token, Run.status == RUNNING)))
+def held_runs(session: Session, *, holder: Holder, earlier: bool = False) -> list[str]:
+    """The running runs under this GPU id that this incarnation holds (or, `earlier`, that an
+    earlier one did); in lock order, for the caller that ends them all in one transaction."""
+    token = Run.lease_token != holder.token if earlier else Run.lease_token == holder.token
+    return list(session.scalars(_in_lock_order(select(Run.id).where(
+        Run.lease_holder == holder.gpu_id, token, Run.status == RUNNING))))
+
+
+def _in_lock_order(runs_query):
+    return runs_query.join(Experiment, Experiment.id == Run.experiment_id).order_by(Experiment.tag, Experiment.id)
 
 
 # ---------------------------------------------------------------------------
@@ -499,7 +514,7 @@ def _checked(report: RunReport) -> RunReport:
 
 
 def lose_run(session: Session, *, run_id: str, reason: str, policy: Policy, token: str | None = None,
-             charge: bool = True) -> Outcome:
+             charge: bool = True, lease_expired: bool = False) -> Outcome:
     """The run's holder went away (lease expired, worker restarted, task died), or handed it back
     (charge=False). The attempt ends; the run is queued again as a new attempt, or the
     experiment ends cancelled (a cancel was asked for) or crashed (MAX_ATTEMPTS lost)."""
@@ -510,8 +525,8 @@ def lose_run(session: Session, *, run_id: str, reason: str, policy: Policy, toke
     run = session.scalars(select(Run).where(Run.id == run_id).execution_options(populate_existing=True)).one()
     # A run whose cancel was asked for is cancelled, whoever ends it; else lost or handed back.
     ended = CANCELLED if experiment.cancel_requested else LOST if charge else RELEASED
-    if not move_run(session, run_id, ended, token=token, only_from=[RUNNING], error=reason,
-                    finished_at=func.clock_timestamp(), lease_expires_at=None):
+    if not move_run(session, run_id, ended, token=token, only_from=[RUNNING], lease_expired=lease_expired,
+                    error=reason, finished_at=func.clock_timestamp(), lease_expires_at=None):
         return Outcome(status="unchanged")
     _gpu_idle_unless_busy(session, run.gpu_id, run_id)
     if experiment.cancel_requested or experiment.status not in LIVE_STATUSES:
@@ -534,24 +549,23 @@ def _any_running(session: Session, experiment_id: str) -> bool:
 
 def expire_leases(session: Session, *, policy: Policy) -> list[Outcome]:
     """The sweep: every run whose lease ran out is lost. Not within one lease of a Postgres
-    start: while the database was down no lease could be renewed."""
-    expired = session.scalars(
+    start: while the database was down no lease could be renewed. The runs are read unlocked
+    (lose_run locks in lock order) and lost only if their lease is still expired then."""
+    expired = session.scalars(_in_lock_order(
         select(Run.id).where(
             Run.status == RUNNING, Run.lease_expires_at < func.now(),
             func.pg_postmaster_start_time() < func.now() - timedelta(seconds=policy.lease_s),
-        ).with_for_update(skip_locked=True)
+        ))
     ).all()
-    return [lose_run(session, run_id=run_id, reason="its lease expired (the worker went silent)", policy=policy)
-            for run_id in expired]
+    return [lose_run(session, run_id=run_id, reason="its lease expired (the worker went silent)", policy=policy,
+                     lease_expired=True) for run_id in expired]
 
 
 def release_previous_incarnation(session: Session, *, holder: Holder, policy: Policy) -> list[Outcome]:
     """A worker starting under a GPU id gives up what an earlier process of that id held: that
     process is gone (it did not hand its runs back), so they are lost, now rather than later."""
-    stale = session.scalars(select(Run.id).where(
-        Run.lease_holder == holder.gpu_id, Run.lease_token != holder.token, Run.status == RUNNING)).all()
-    return [lose_run(session, run_id=run_id, policy=policy,
-                     reason=f"worker {holder.gpu_id} restarted while training it") for run_id in stale]
+    return [lose_run(session, run_id=run_id, policy=policy, reason=f"worker {holder.gpu_id} restarted while training it")
+            for run_id in held_runs(session, holder=holder, earlier=True)]
 
 
 # ---------------------------------------------------------------------------

@@ -49,11 +49,13 @@ def submit(session: Session, *, policy: Policy, acknowledge_crashes: bool, gpu_i
 
 
 def sweep_leases(session: Session, *, policy: Policy) -> list[Dispatch]:
-    """Runs whose lease ran out are queued again, failed or cancelled (lifecycle.lose_run)."""
+    """Runs whose lease ran out are queued again, failed or cancelled (lifecycle.lose_run).
+    Then silent GPUs go offline: GPU rows come last in the lock order."""
     from app.services.pool import mark_stale_offline
 
+    dispatches = [d for outcome in lifecycle.expire_leases(session, policy=policy) for d in outcome.dispatches]
     mark_stale_offline(session, stale_after=policy.lease_s)
-    return [d for outcome in lifecycle.expire_leases(session, policy=policy) for d in outcome.dispatches]
+    return dispatches
 
 
 def redispatch_lost_messages(session: Session, *, present_task_ids: set[str], min_age_s: float) -> list[Dispatch]:
