@@ -134,6 +134,9 @@ class Settings:
     # a run that exported none is a crash; off (TRUSTED_SCORING=0), such a run keeps train.py's
     # printed val_bpb: only for stand-in scripts (tests).
     trusted_scoring: bool = True
+    # A GPU worker starts the interpreter of its next train.py between runs, imports done
+    # (workers/standby.py); off (STANDBY_INTERPRETER=0), every run starts a fresh one.
+    standby_interpreter: bool = True
 
     @property
     def runs_dir(self) -> Path:
@@ -245,4 +248,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         baseline_runs=_number(env, "BASELINE_RUNS", 3, int),
         verdict_policy=_verdict_policy(env.get("VERDICT_POLICY")),
         trusted_scoring=_switch(env, "TRUSTED_SCORING", True),
+        standby_interpreter=_switch(env, "STANDBY_INTERPRETER", True),
     )

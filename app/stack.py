@@ -77,6 +77,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "BASELINE_RUNS": str(settings.baseline_runs),
         "VERDICT_POLICY": settings.verdict_policy,
         "TRUSTED_SCORING": "1" if settings.trusted_scoring else "0",
+        "STANDBY_INTERPRETER": "1" if settings.standby_interpreter else "0",
         "API_PORT": str(settings.api_port),
         "PYTHONUNBUFFERED": "1",
     }

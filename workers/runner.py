@@ -17,6 +17,10 @@ Why it is built this way (see shared/notes/celery.md, "The training subprocess")
   is built from an allow-list (CHILD_ENV_NAMES below), never copied from the worker's, which
   holds the database, broker and API credentials; a root worker runs it as an unprivileged user
   in a run directory it cannot leave (workers/sandbox.py).
+- A run may start from a standby interpreter (workers/standby.py, start_standby below) that has
+  imported torch and the rest before the run was known; it is started with the same account,
+  arguments and environment (less the run's own variables) as a fresh train.py, and its process
+  is then the run's, handled as a fresh one would be.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import logging
 import os
 import pwd
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,10 +39,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.config import SANDBOX_ROOT
+from app.config import PROJECT_ROOT, SANDBOX_ROOT
 from app.process_groups import group_alive, parent_death_signal
 from workers import sandbox
 from workers.progress import last_progress, parse_summary
+from workers.standby import Standby, standing_environment
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +97,7 @@ class RunResult:
     ended_at: float  # time.time(), after the process group is gone
     duration_s: float
     progress: dict | None = None  # the last progress line seen, parsed
+    standby: bool = False  # train.py ran in a standby interpreter (workers/standby.py)
 
 
 def run_training(
@@ -104,6 +111,7 @@ def run_training(
     poll_interval_s: float = 1.0,
     python: str = sys.executable,
     sandbox_dir: Path = SANDBOX_ROOT,
+    standby: Standby | None = None,
 ) -> RunResult:
     """Write `source` to run_dir/train.py, run it, and return how it ended.
 
@@ -115,39 +123,43 @@ def run_training(
     should_cancel() are checked. On timeout or cancel the process group gets SIGTERM, then
     SIGKILL after TERM_GRACE_S.
 
+    With a `standby` (start_standby) train.py runs in it when it fits this run, else (logged) in
+    a fresh process; either way the standby is used up.
+
     An exception raised by on_progress or should_cancel propagates to the caller, after the
     process group has been killed. So does SystemExit when the worker gets SIGTERM.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    account = sandbox.run_account()
-    if account is not None:
-        sandbox.prepare_for_account(account, run_dir, sandbox_dir)
-    (run_dir / TRAIN_FILENAME).write_text(source, encoding="utf-8")
-    log_path = run_dir / LOG_FILENAME
-    child_env = {**allowed_environment(dict(os.environ)), **sandbox.account_env(account, sandbox_dir),
-                 "PYTHONUNBUFFERED": "1", **env}  # unbuffered: live progress
-
     with sigterm_raises_system_exit():
-        started_at = time.time()
-        deadline = time.monotonic() + timeout_s
         proc = None
         stop_reason = None  # "timeout" or "cancelled" once we decide to kill
         progress = None
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            account = sandbox.run_account()
+            if account is not None:
+                sandbox.prepare_for_account(account, run_dir, sandbox_dir)
+            (run_dir / TRAIN_FILENAME).write_text(source, encoding="utf-8")
+            log_path = run_dir / LOG_FILENAME
+            child_env = _child_environment(env, account, sandbox_dir)
+            started_at = time.time()
+            deadline = time.monotonic() + timeout_s
             with open(log_path, "wb") as log_file:  # the child keeps its own copy of the fd
-                proc = subprocess.Popen(
-                    [python, _script_path(account)],
-                    cwd=run_dir,
-                    env=child_env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    # Set after the switch to the account: a change of uid clears it.
-                    preexec_fn=parent_death_signal(signal.SIGKILL),
-                    **_account_arguments(account),
-                )
+                if standby is not None:
+                    proc = _launch(standby, run_dir, log_file.fileno(), child_env, python, account)
+                if proc is None:
+                    proc = subprocess.Popen(
+                        [python, _script_path(account)],
+                        cwd=run_dir,
+                        env=child_env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        # Set after the switch to the account: a change of uid clears it.
+                        preexec_fn=parent_death_signal(signal.SIGKILL),
+                        **_account_arguments(account),
+                    )
             reader = _LogFollower(log_path)
             while True:
                 wait_s = max(0.0, min(poll_interval_s, deadline - time.monotonic()))
@@ -171,6 +183,8 @@ def run_training(
             # outlive the run (a child left behind by train.py would keep its GPU memory).
             if proc is not None:
                 _stop_group(proc)
+            if standby is not None:  # a no-op once handed the run; unused, it must not outlive it
+                standby.discard()
         ended_at = time.time()
 
     return _make_result(
@@ -181,7 +195,59 @@ def run_training(
         progress=progress,
         started_at=started_at,
         ended_at=ended_at,
+        standby=standby is not None and proc is standby.proc,
     )
+
+
+def start_standby(env: dict[str, str], *, python: str = sys.executable, sandbox_dir: Path = SANDBOX_ROOT) -> Standby:
+    """Start the interpreter for a later run_training(..., standby=) whose `env` is this `env`
+    apart from its AUTORESEARCH_* variables: the same account, process group and parent-death
+    signal as a fresh train.py, and the environment it will have, which Python and the imported
+    modules read at start (PYTHONPATH, thread counts, CUDA settings)."""
+    account = sandbox.run_account()
+    if account is not None:
+        # As prepare_for_account does for a run: the standby may start before the first run.
+        sandbox.add_search_permission(Path(os.path.realpath(python)).parent)
+    standing = standing_environment(_child_environment(env, account, sandbox_dir))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message, whole
+    try:
+        with theirs:  # the standby keeps its own copy
+            proc = subprocess.Popen(
+                [python, "-m", "workers.standby", str(theirs.fileno())],
+                # Where -m finds workers.standby: the run's PYTHONPATH need not name the project.
+                cwd=PROJECT_ROOT,
+                env=standing,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                # The worker's own stderr (its log), for a failing import; replaced by train.log
+                # at the hand-over, before any of train.py runs.
+                stderr=None,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+                preexec_fn=parent_death_signal(signal.SIGKILL),
+                **_account_arguments(account),
+            )
+    except BaseException:
+        ours.close()
+        raise
+    return Standby(proc, ours, env=standing, python=python, uid=_uid(account))
+
+
+def _launch(standby: Standby, run_dir: Path, log_fd: int, child_env: dict[str, str], python: str,
+            account: pwd.struct_passwd | None) -> subprocess.Popen | None:
+    # A sandboxed standby cannot open the run directory by path (the folder above is closed to
+    # it), so it gets the directory itself, opened here.
+    run_dir_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return standby.launch(run_dir_fd, log_fd, child_env, script=_script_path(account), python=python,
+                              uid=_uid(account))
+    finally:
+        os.close(run_dir_fd)
+
+
+def _child_environment(env: dict[str, str], account: pwd.struct_passwd | None, sandbox_dir: Path) -> dict[str, str]:
+    return {**allowed_environment(dict(os.environ)), **sandbox.account_env(account, sandbox_dir),
+            "PYTHONUNBUFFERED": "1", **env}  # unbuffered: live progress
 
 
 def _script_path(account: pwd.struct_passwd | None) -> str:
@@ -195,6 +261,10 @@ def _account_arguments(account: pwd.struct_passwd | None) -> dict:
     if account is None:
         return {}
     return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+
+
+def _uid(account: pwd.struct_passwd | None) -> int | None:
+    return None if account is None else account.pw_uid
 
 
 def tail_log(path: Path, max_bytes: int = LOG_TAIL_CHARS) -> str:
@@ -231,6 +301,7 @@ def _make_result(
     progress: dict | None,
     started_at: float,
     ended_at: float,
+    standby: bool,
 ) -> RunResult:
     log_tail = tail_log(log_path, LOG_TAIL_CHARS)
     summary_error = None
@@ -271,6 +342,7 @@ def _make_result(
         ended_at=ended_at,
         duration_s=ended_at - started_at,
         progress=progress,
+        standby=standby,
     )
 
 

@@ -5,6 +5,11 @@ across the run. Every state change goes through app.services.lifecycle, the same
 API and the sweep use. The run is trained only while this worker incarnation holds its lease:
 when progress finds the lease gone (the run was given to another attempt) or the worker's
 parent gone (it renews the lease), train.py is stopped and nothing is recorded.
+
+Each pool child keeps one standby interpreter (workers/standby.py) for its next run: started
+when the child starts and again as soon as a train.py has ended, so that its imports overlap
+recording and scoring; a run takes it, and it dies with the child (its exit, or the kernel's
+parent-death signal when the child is killed).
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import time
 from pathlib import Path
 
 from celery.exceptions import Reject
+from celery.signals import worker_process_init, worker_process_shutdown
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app.config import PROJECT_ROOT, Settings
+from app.config import PROJECT_ROOT, Settings, load_settings
 from app.db import transaction
 from app.dispatch import send_all
 from app.errors import Conflict
@@ -30,7 +36,15 @@ from workers.fingerprint import digest
 from workers.gpu import list_gpus
 from workers.heartbeat import identity
 from workers.progress import step0_seconds
-from workers.runner import LOG_TAIL_CHARS, RunResult, run_training, sigterm_raises_system_exit, tail_log
+from workers.runner import (
+    LOG_TAIL_CHARS,
+    RunResult,
+    run_training,
+    sigterm_raises_system_exit,
+    start_standby,
+    tail_log,
+)
+from workers.standby import Standby
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +59,26 @@ CPU_THREAD_VARIABLES = ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS")
 
 def child_env(settings: Settings, profile: str, gpu_index: int, seed: int) -> dict[str, str]:
     """What train.py gets on top of workers.runner's allow-list of the worker's environment."""
-    env = {
+    return {
+        **standing_env(gpu_index),
         "AUTORESEARCH_PROFILE": profile,
         # The tokenizer and the training split only: the validation split stays with the worker.
         "AUTORESEARCH_CACHE": str(sandbox.cache_view(settings.cache_dir, settings.sandbox_dir)),
         "AUTORESEARCH_SEED": str(seed),
         # Relative to its working directory, the run directory: the sandbox resolves no other path.
         "AUTORESEARCH_EXPORT_PATH": evaluator.ARTIFACT_FILENAME,
+    }
+
+
+def standing_env(gpu_index: int) -> dict[str, str]:
+    """The part of child_env that is the same for every run of this worker: a standby
+    interpreter starts with it."""
+    env = {
         # prepare.py stays in the project: the run directory holds only the experiment's train.py.
         "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        # A CPU worker has no device to pin; a GPU worker pins its own.
+        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", str(gpu_index)),
     }
-    # A CPU worker has no device to pin; a GPU worker pins its own.
-    env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", str(gpu_index))
     env.update(cpu_share_env(gpus_on_host=len(list_gpus()), cores=os.cpu_count() or 1))
     return env
 
@@ -72,6 +94,46 @@ def cpu_share_env(*, gpus_on_host: int, cores: int) -> dict[str, str]:
         return {}
     share = str(max(1, cores // gpus_on_host))
     return {name: share for name in CPU_THREAD_VARIABLES if name not in os.environ}
+
+
+# ---------------------------------------------------------------------------
+# The standby interpreter of this pool child
+
+_standby: Standby | None = None  # the interpreter this pool child's next run starts in
+
+
+def prepare_standby(settings: Settings) -> None:
+    """Start the interpreter for this pool child's next run, unless one is waiting already."""
+    global _standby
+    if not settings.standby_interpreter or settings.worker_gpu_index is None or _standby is not None:
+        return
+    try:
+        _standby = start_standby(standing_env(settings.worker_gpu_index), sandbox_dir=settings.sandbox_dir)
+    except Exception:
+        # Only a head start is lost: the run starts a fresh train.py, where a real problem shows.
+        log.exception("could not start a standby interpreter")
+
+
+def take_standby() -> Standby | None:
+    global _standby
+    standby, _standby = _standby, None
+    return standby
+
+
+def discard_standby() -> None:
+    standby = take_standby()
+    if standby is not None:
+        standby.discard()
+
+
+@worker_process_init.connect
+def _standby_for_the_first_run(**_):
+    prepare_standby(load_settings())
+
+
+@worker_process_shutdown.connect
+def _no_standby_after_the_child(**_):
+    discard_standby()
 
 
 class _Throttle:
@@ -142,13 +204,18 @@ def train(run_id: str, *, settings: Settings, redelivered: bool = False) -> dict
             result = run_training(
                 claim.train_py, run_dir, env=child_env(settings, claim.profile, holder.gpu_index, claim.seed),
                 timeout_s=settings.run_deadline_s(claim.profile), sandbox_dir=settings.sandbox_dir,
-                should_cancel=should_stop, on_progress=on_progress,
+                should_cancel=should_stop, on_progress=on_progress, standby=take_standby(),
             )
         except SystemExit:
-            # train.py's group, if it started, is gone: hand the run back.
+            # train.py's group, if it started, is gone, and so is the standby it took: hand the
+            # run back. No new standby: this child is on its way out.
             until_database_answers(lambda: hand_back(settings, holder, claim, policy),
                                    what=f"hand-back of {run_id}")
             raise
+    # The next run's interpreter imports while this one is recorded and scored.
+    prepare_standby(settings)
+    log.info("run %s: train.py ran in %s", claim.run_id,
+             "the standby interpreter" if result.standby else "a fresh interpreter")
     if not standing.held or os.getppid() != parent:
         log.warning("run %s stopped: this worker no longer holds it", claim.run_id)
         return {"run_id": claim.run_id, "status": "superseded"}
