@@ -41,8 +41,9 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-# Imported before the hand-over, each only where installed (triton is not on a CPU host).
-PRELOAD = ("torch", "numpy", "pyarrow", "tiktoken", "triton")
+# Imported before the hand-over, each only where installed (triton is not on a CPU host): what
+# train.py, prepare.py and gpu_kernels.py import that takes time and reads no run's setting.
+PRELOAD = ("torch", "numpy", "pyarrow", "pyarrow.parquet", "tiktoken", "triton")
 # A run's own variables (profile, seed, cache view), given at the hand-over; the standby starts
 # with the rest of the run's environment, which the interpreter and PRELOAD may read at start.
 RUN_VARIABLES_PREFIX = "AUTORESEARCH_"
