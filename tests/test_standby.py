@@ -197,16 +197,22 @@ def test_a_cancelled_run_leaves_only_the_next_standby(one_worker):
         {p.pid for p in standbys(worker_pid)}
 
 
-def test_a_warm_shutdown_leaves_no_standby(one_worker, tmp_path):
+@pytest.mark.parametrize("training", [False, True])
+def test_a_warm_shutdown_leaves_no_standby(one_worker, tmp_path, training):
     client = one_worker["client"]
-    stack, _ = start_worker(one_worker["settings"], tmp_path / "logs", client)
+    stack, gpu_id = start_worker(one_worker["settings"], tmp_path / "logs", client)
     try:
         worker_pid = stack.processes["gpu0"].pid
-        waiting = wait_until(lambda: standbys(worker_pid), 30, "the first run's standby")
+        pids = [p.pid for p in wait_until(lambda: standbys(worker_pid), 30, "the first run's standby")]
+        if training:  # train.py runs in that standby, with a grandchild, when the worker is told to stop
+            pid_file = writable_by_train_py() / "pids"
+            submit(client, new_tag(client), hanging_script(pid_file), "handed back", gpu_id=gpu_id)
+            wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 60, "the run to start")
+            pids += map(int, pid_file.read_text().split())
         stack.stop("gpu0")  # SIGTERM, as `up` stops it
     finally:
         stack.stop_all()
-    wait_until(lambda: not any(pid_alive(p.pid) for p in waiting), 10, "the standby to go")
+    wait_until(lambda: not any(pid_alive(pid) for pid in pids), 10, "the standby to go")
 
 
 def test_standby_interpreter_can_be_switched_off():
