@@ -53,7 +53,7 @@ def slow_progress_script(steps: int = 400, every_s: float = 0.3) -> str:
                   f"lrm 1.00 | dt 300ms | tok/s 1000 | mfu 0.0% | remaining {{({steps} - step) * {every_s}:.0f}}s", flush=True)
             time.sleep({every_s})
     """)
-    return loop + summary_script()
+    return loop + summary_script(progress=False)
 
 
 # --- the browser ------------------------------------------------------------------------------

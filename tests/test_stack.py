@@ -147,12 +147,21 @@ def start_training(env: dict[str, str], up: subprocess.Popen) -> psutil.Process:
     while time.monotonic() < deadline:
         for process in tree(up.pid):
             try:
-                if process.cmdline()[-1:] and process.cmdline()[-1].endswith("train.py"):
+                if runs_train_py(process):
                     return process
             except psutil.Error:  # exited while we looked
                 continue
         time.sleep(0.3)
     raise AssertionError("no train.py started within 60 s")
+
+
+def runs_train_py(process: psutil.Process) -> bool:
+    """`python train.py`, or a standby interpreter that was handed a run: it has moved into the
+    run's directory (a waiting one sits in the project folder)."""
+    command = process.cmdline()
+    if command[-1:] and command[-1].endswith("train.py"):
+        return True
+    return "workers.standby" in command and Path(process.cwd()).name.startswith("run-")
 
 
 def stop_up(up: subprocess.Popen) -> None:

@@ -28,13 +28,14 @@ RUN_TIMEOUT_S = 240  # generous: two real tiny runs share two cores
 FINISHED = set(FINISHED_STATUSES)
 
 
-def summary_script(profile: str = "tiny", sleep_s: float = 0.0) -> str:
-    """A stand-in train.py that prints the summary block: for dispatch tests where the
-    training itself is not the point."""
+def summary_script(profile: str = "tiny", sleep_s: float = 0.0, progress: bool = True) -> str:
+    """A stand-in train.py that prints the summary block (after one progress line, unless
+    `progress` is off): for dispatch tests where the training itself is not the point."""
+    line = "step 1 | progress 100.0% | loss 3.0 | lrm 1.00 | dt 10ms | tok/s 1000 | mfu 0.0% | remaining 0s"
     return textwrap.dedent(f"""
         import time
         time.sleep({sleep_s})
-        print("step 1 | progress 100.0% | loss 3.0 | lrm 1.00 | dt 10ms | tok/s 1000 | mfu 0.0% | remaining 0s")
+        print({line if progress else ""!r})
         print("---")
         for key, value in [("profile", "{profile}"), ("val_bpb", "1.5"), ("training_seconds", "1.0"),
                            ("total_seconds", "1.2"), ("peak_vram_mb", "0.0"), ("mfu_percent", "0.00"),
