@@ -25,8 +25,10 @@ demo: setup
 up: setup
 	$(VENV)/bin/autoresearch up
 
+# Two processes, a module each at a time (README: "make test").
+PYTEST_ARGS ?= -n 2 --dist loadfile
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -20,10 +20,13 @@ from app.db import forget_engines, transaction
 from app.migrate import upgrade
 from app.models import Base
 
-# Per test session, so that two sessions on one machine never drop each other's data.
+# Per test process (each pytest-xdist worker is one), so that two on one machine never drop each
+# other's data. Redis has 16 databases: xdist's workers take 1, 2, ...; a plain session one by pid.
 TEST_DATABASE = f"autoresearch_test_{os.getpid()}"
 LOCAL_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
-LOCAL_REDIS = f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}"
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_REDIS_DB = 1 + int(_XDIST_WORKER[2:]) if _XDIST_WORKER.startswith("gw") else 8 + os.getpid() % 8
+LOCAL_REDIS = f"redis://127.0.0.1:6379/{_REDIS_DB}"
 SERVER_SETTLE_S = 6.0
 
 

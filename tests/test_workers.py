@@ -174,7 +174,8 @@ def test_two_workers_train_two_real_runs_at_once_and_keep_the_better(cluster):
         assert "name" in new["telemetry"]
 
     records = [wait_for(client, first), wait_for(client, second)]
-    assert {r["gpu_id"] for r in records} == {gpu_ids[0], gpu_ids[1]}
+    # Each first run on its own GPU (a promising one may then get a confirmation run on either).
+    assert {r["runs"][0]["gpu_id"] for r in records} == {gpu_ids[0], gpu_ids[1]}
     for r in records:
         assert r["status"] in ("keep", "discard")
         assert r["profile"] == "tiny"
@@ -186,13 +187,14 @@ def test_two_workers_train_two_real_runs_at_once_and_keep_the_better(cluster):
     # The runs overlapped in time.
     a, b = records
     assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]
-    # The first to finish is kept; the other is kept only if it is strictly better.
+    # The first to finish is kept; the other only if better (by the default policy's verdict).
     records.sort(key=lambda r: r["finished_at"])
     assert records[0]["status"] == "keep"
-    assert records[1]["status"] == ("keep" if records[1]["val_bpb"] < records[0]["val_bpb"] else "discard")
+    if records[1]["status"] == "keep":
+        assert records[1]["val_bpb"] < records[0]["val_bpb"]
     row = tag_row(cluster["settings"], tag)
     assert row.total_experiments == 2 and row.kept_experiments + row.discarded_experiments == 2
-    assert row.best_val_bpb == min(r["val_bpb"] for r in records)
+    assert row.best_val_bpb == min(r["val_bpb"] for r in records if r["status"] == "keep")
     # The stored log tail: train.py's summary (its val_bpb is the worker's evaluator's, not printed
     # by a sandboxed train.py, which has no validation split).
     log = client.get(f"/api/experiment/{first}/log").get_json()["log"]
