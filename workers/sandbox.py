@@ -45,6 +45,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from app.file_access import add_search_permission
+
 log = logging.getLogger(__name__)
 
 SANDBOX_USER = "autoresearch_run"
@@ -99,16 +101,12 @@ def prepare_for_account(account: pwd.struct_passwd, run_dir: Path, sandbox_dir: 
     run_dir.parent.chmod(0o700)
     os.chown(run_dir, 0, 0)
     run_dir.chmod(0o1777)
-    add_search_permission(Path(os.path.realpath(sys.executable)).parent)
+    interpreter_reachable(Path(sys.executable))
 
 
-def add_search_permission(folder: Path) -> None:
-    """Add o+x to `folder` and to every folder above it that lacks it."""
-    for path in [folder, *folder.parents]:
-        mode = path.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            log.warning("adding o+x to %s so that %s can run the interpreter", path, SANDBOX_USER)
-            path.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+def interpreter_reachable(python: Path) -> None:
+    """Let SANDBOX_USER reach the interpreter that runs train.py (a venv under /root, say)."""
+    add_search_permission(Path(os.path.realpath(python)).parent, so_that=f"{SANDBOX_USER} can run the interpreter")
 
 
 def _make_dir(path: Path, mode: int) -> None:
