@@ -134,8 +134,9 @@ class Settings:
     # a run that exported none is a crash; off (TRUSTED_SCORING=0), such a run keeps train.py's
     # printed val_bpb: only for stand-in scripts (tests).
     trusted_scoring: bool = True
-    # A GPU worker starts the interpreter of its next train.py between runs, imports done
-    # (workers/standby.py); off (STANDBY_INTERPRETER=0), every run starts a fresh one.
+    # A GPU worker starts the interpreters of its next train.py and its next trusted evaluation
+    # between runs, imports done (workers/standby.py); off (STANDBY_INTERPRETER=0), every run and
+    # evaluation starts a fresh one.
     standby_interpreter: bool = True
 
     @property

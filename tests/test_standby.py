@@ -150,7 +150,8 @@ def one_worker(database_url, redis_url, tiny_cache, tmp_path_factory):
 
 
 def standbys(worker_pid: int) -> list[psutil.Process]:
-    """The worker's standby interpreters: its pool child's children running workers.standby."""
+    """The worker's standby interpreters (the next run's and the next evaluation's): its pool
+    child's children running workers.standby."""
     found = []
     for process in psutil.Process(worker_pid).children(recursive=True):
         try:
@@ -173,25 +174,26 @@ def test_the_next_run_starts_from_the_standby(one_worker):
     second_run = records[1]["runs"][0]["id"]
     wait_until(lambda: f"run {second_run}: train.py ran in the standby interpreter" in worker_log(stack), 10,
                "the worker's log line")
-    # The next one waits already, its imports under way.
-    wait_until(lambda: len(standbys(stack.processes["gpu0"].pid)) == 1, 10, "the next standby")
+    # The next one waits already, its imports under way, next to the evaluator's.
+    wait_until(lambda: len(standbys(stack.processes["gpu0"].pid)) == 2, 10, "the next standby")
 
 
 def test_a_cancelled_run_leaves_only_the_next_standby(one_worker):
     client, stack, gpu_id = one_worker["client"], one_worker["stack"], one_worker["gpu_id"]
     worker_pid = stack.processes["gpu0"].pid
     waiting = standbys(worker_pid)
-    assert len(waiting) == 1
+    assert len(waiting) == 2
     pid_file = writable_by_train_py() / "pids"
     experiment_id = submit(client, new_tag(client), hanging_script(pid_file), "to cancel", gpu_id=gpu_id)
     wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 60, "the run to start")
     train_pid, grandchild = map(int, pid_file.read_text().split())
-    assert train_pid == waiting[0].pid  # train.py runs in the standby that waited
+    assert train_pid in {p.pid for p in waiting}  # train.py runs in a standby that waited
     assert client.post("/api/experiment/cancel", json={"experiment_id": experiment_id}).status_code == 200
     assert wait_for(client, experiment_id, timeout_s=30)["status"] == "cancelled"
     assert not pid_alive(train_pid) and not pid_alive(grandchild)
-    # Besides its pool child, the worker has the next run's standby and nothing else.
-    wait_until(lambda: len(standbys(worker_pid)) == 1, 10, "the next standby")
+    # Besides its pool child, the worker has the next run's and the next evaluation's standbys
+    # and nothing else.
+    wait_until(lambda: len(standbys(worker_pid)) == 2, 10, "the next standby")
     pool_child, = psutil.Process(worker_pid).children()
     assert {p.pid for p in pool_child.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE} == \
         {p.pid for p in standbys(worker_pid)}

@@ -2,8 +2,9 @@
 
 train.py ends by saving its trained model with prepare.export_model (a torch.export program of
 ATen ops plus its weights, as plain tensors). The worker then runs this module as a process of
-its own (`python -m workers.evaluator ARTIFACT`): never in the Celery process, which must not
-touch CUDA, and never in train.py's, whose Python the agent controls. It
+its own (`python -m workers.evaluator ARTIFACT`, or the same in a standby interpreter that has
+imported torch already: workers/standby.py): never in the Celery process, which must not touch
+CUDA, and never in train.py's, whose Python the agent controls. It
 
 - reads the file with torch.load(weights_only=True), which rebuilds tensors and plain values
   only, never objects that run code;
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.config import PROJECT_ROOT
+from workers.standby import Standby
 
 ARTIFACT_FILENAME = "model.pt2"  # in the run directory; its path reaches train.py as AUTORESEARCH_EXPORT_PATH
 EVALUATOR_TIMEOUT_S = 900.0  # a load and one pass over the h100 profile's eval tokens take well under a minute
@@ -69,49 +71,86 @@ class Evaluation:
 
 
 def evaluator_env(*, profile: str, cache_dir: Path, visible_devices: str) -> dict[str, str]:
+    return {**standing_env(visible_devices), "AUTORESEARCH_PROFILE": profile, "AUTORESEARCH_CACHE": str(cache_dir)}
+
+
+def standing_env(visible_devices: str) -> dict[str, str]:
+    """The part of evaluator_env that is the same for every run of a worker: an evaluator standby
+    (workers.runner.start_evaluator_standby) starts with it. The profile and cache come at the
+    hand-over, before prepare.py, which reads them at import, is imported."""
     env = {name: os.environ[name] for name in PASSED_VARIABLES if name in os.environ}
-    env.update(AUTORESEARCH_PROFILE=profile, AUTORESEARCH_CACHE=str(cache_dir), CUDA_VISIBLE_DEVICES=visible_devices,
-               PYTHONPATH=str(PROJECT_ROOT), PYTHONUNBUFFERED="1")
+    env.update(CUDA_VISIBLE_DEVICES=visible_devices, PYTHONPATH=str(PROJECT_ROOT), PYTHONUNBUFFERED="1")
     return env
 
 
 def score(artifact: Path, *, profile: str, cache_dir: Path, visible_devices: str = "",
-          timeout_s: float = EVALUATOR_TIMEOUT_S) -> Evaluation:
-    """Evaluate a run's exported model in a fresh process (on the GPUs `visible_devices` names,
-    as CUDA_VISIBLE_DEVICES does); an Evaluation with val_bpb or with the error that says why not.
+          timeout_s: float = EVALUATOR_TIMEOUT_S, standby: Standby | None = None) -> Evaluation:
+    """Evaluate a run's exported model in a process of its own (on the GPUs `visible_devices`
+    names, as CUDA_VISIBLE_DEVICES does); an Evaluation with val_bpb or with the error that says
+    why not.
 
     train.py wrote the artifact, so it is opened here without following a symlink and must be a
     regular file; the evaluator reads that open file, not the path, which the agent's code could
-    change again."""
+    change again. With a `standby` (workers.runner.start_evaluator_standby) the evaluator runs in
+    it when it fits, else (logged) in a fresh process; either way the standby is used up."""
     missing = Evaluation(None, error=(
         "train.py exported no model, so the worker could not score it: end train.py with "
         "prepare.export_model(forward, example) as the baseline does (program.md, 'Scoring')"))
     try:
-        fd = os.open(artifact, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return missing
-    started = time.monotonic()
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            # Non-blocking: opening a FIFO planted in its place would otherwise wait for a writer.
+            fd = os.open(artifact, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
             return missing
-        with tempfile.TemporaryDirectory(prefix="autoresearch-eval-") as workdir:
-            done = subprocess.run([sys.executable, "-m", "workers.evaluator", f"/dev/fd/{fd}"], cwd=workdir,
-                                  env=evaluator_env(profile=profile, cache_dir=cache_dir,
-                                                    visible_devices=visible_devices),
-                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s,
-                                  pass_fds=(fd,))
-    except subprocess.TimeoutExpired:
-        return Evaluation(None, error=f"the evaluator took longer than {timeout_s:g} s on the exported model")
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return missing
+            return _evaluate(fd, evaluator_env(profile=profile, cache_dir=cache_dir, visible_devices=visible_devices),
+                             timeout_s, standby)
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
-    lines = done.stdout.strip().splitlines()
+        if standby is not None:  # a no-op once handed the run; unused, it must not outlive it
+            standby.discard()
+
+
+def _evaluate(fd: int, env: dict[str, str], timeout_s: float, standby: Standby | None) -> Evaluation:
+    started = time.monotonic()
+    # Output goes to files read afterwards: the standby cannot be given a pipe's reading end to drain.
+    with tempfile.TemporaryDirectory(prefix="autoresearch-eval-") as workdir, tempfile.TemporaryFile() as out, \
+            tempfile.TemporaryFile() as err:
+        proc = None
+        if standby is not None:
+            cwd_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                proc = standby.launch(env, python=sys.executable, uid=None, cwd_fd=cwd_fd, stdout_fd=out.fileno(),
+                                      stderr_fd=err.fileno(), module="workers.evaluator", files=(fd,))
+            finally:
+                os.close(cwd_fd)
+        if proc is None:
+            proc = subprocess.Popen([sys.executable, "-m", "workers.evaluator", f"/dev/fd/{fd}"], cwd=workdir, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, pass_fds=(fd,))
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return Evaluation(None, error=f"the evaluator took longer than {timeout_s:g} s on the exported model")
+        finally:
+            if proc.returncode is None:  # timed out, or this process is stopping: as subprocess.run does
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    lines = stdout.strip().splitlines()
     try:
         outcome = json.loads(lines[-1]) if lines else None
     except ValueError:
         outcome = None
     if not isinstance(outcome, dict):
-        return Evaluation(None, error=f"the evaluator failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
-    details = {**outcome.get("details", {}), "evaluator_s": round(time.monotonic() - started, 3)}
+        return Evaluation(None, error=f"the evaluator failed (exit {proc.returncode}): {stderr.strip()[-2000:]}")
+    details = {**outcome.get("details", {}), "evaluator_s": round(time.monotonic() - started, 3),
+               "standby": standby is not None and proc is standby.proc}
     return Evaluation(outcome.get("val_bpb"), error=outcome.get("error"), details=details)
 
 

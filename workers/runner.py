@@ -20,7 +20,8 @@ Why it is built this way (see shared/notes/celery.md, "The training subprocess")
 - A run may start from a standby interpreter (workers/standby.py, start_standby below) that has
   imported torch and the rest before the run was known; it is started with the same account,
   arguments and environment (less the run's own variables) as a fresh train.py, and its process
-  is then the run's, handled as a fresh one would be.
+  is then the run's, handled as a fresh one would be. The trusted evaluator starts from one too
+  (start_evaluator_standby).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pathlib import Path
 
 from app.config import PROJECT_ROOT, SANDBOX_ROOT
 from app.process_groups import group_alive, parent_death_signal
-from workers import sandbox
+from workers import evaluator, sandbox
 from workers.progress import last_progress, parse_summary
 from workers.standby import Standby, standing_environment
 
@@ -208,7 +209,17 @@ def start_standby(env: dict[str, str], *, python: str = sys.executable, sandbox_
     if account is not None:
         # As prepare_for_account does for a run: the standby may start before the first run.
         sandbox.interpreter_reachable(Path(python))
-    standing = standing_environment(_child_environment(env, account, sandbox_dir))
+    return _spawn_standby(standing_environment(_child_environment(env, account, sandbox_dir)), python, account)
+
+
+def start_evaluator_standby(visible_devices: str, *, python: str = sys.executable) -> Standby:
+    """Start the interpreter for a later evaluator.score(..., standby=) on the GPUs `visible_devices`
+    names: as the worker's own account (the evaluator is trusted code, and reads the validation
+    split), with evaluator.standing_env."""
+    return _spawn_standby(evaluator.standing_env(visible_devices), python, None)
+
+
+def _spawn_standby(standing: dict[str, str], python: str, account: pwd.struct_passwd | None) -> Standby:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message, whole
     try:
         with theirs:  # the standby keeps its own copy
@@ -219,8 +230,8 @@ def start_standby(env: dict[str, str], *, python: str = sys.executable, sandbox_
                 env=standing,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                # The worker's own stderr (its log), for a failing import; replaced by train.log
-                # at the hand-over, before any of train.py runs.
+                # The worker's own stderr (its log), for a failing import; replaced by the run's
+                # at the hand-over, before any of its code runs.
                 stderr=None,
                 pass_fds=(theirs.fileno(),),
                 start_new_session=True,
@@ -239,8 +250,8 @@ def _launch(standby: Standby, run_dir: Path, log_fd: int, child_env: dict[str, s
     # it), so it gets the directory itself, opened here.
     run_dir_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        return standby.launch(run_dir_fd, log_fd, child_env, script=_script_path(account), python=python,
-                              uid=_uid(account))
+        return standby.launch(child_env, python=python, uid=_uid(account), cwd_fd=run_dir_fd, stdout_fd=log_fd,
+                              stderr_fd=log_fd, script=_script_path(account))
     finally:
         os.close(run_dir_fd)
 

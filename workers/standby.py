@@ -1,5 +1,6 @@
 """The standby interpreter: a Python process that has done, before its run is known, what every
-train.py spends its first seconds on (issue 15, "staged start").
+train.py spends its first seconds on (issue 15, "staged start"), and what the trusted evaluator
+spends its first seconds on (issue 14).
 
 On a GPU host about 10 s pass between starting `python train.py` and its first line: the
 interpreter starts and imports torch, Triton, numpy and pyarrow. A worker starts the interpreter
@@ -11,14 +12,17 @@ Before the hand-over it imports PRELOAD and nothing of the project: prepare.py r
 profile and cache from the environment at import. It runs nothing of train.py before it is handed
 a run, and runs one run only: the agent's code may leave anything behind in it.
 
-The hand-over: over a socketpair inherited at spawn, the worker sends the run directory as an
-open directory fd and the log file's fd (a sandboxed standby cannot reach the run directory by
-path: workers/sandbox.py), with the run's whole environment and script path as JSON. The
-standby changes into that directory, makes the log its stdout and stderr, takes that
-environment, and runs the script as __main__ with the argv, sys.path[0], __file__ and exit
-status that `python <script>` would give it. What train.py could still tell apart: the modules
-already in sys.modules (PRELOAD and theirs, this module), sys.orig_argv, and __main__'s
-__loader__ (None).
+The hand-over: over a socketpair inherited at spawn, the worker sends a working directory as an
+open directory fd, the fds of its stdout and stderr, and any files it is to read (a sandboxed
+standby cannot reach the run directory by path: workers/sandbox.py), with the whole environment
+and what to run as JSON. The standby changes into that directory, takes those fds as stdout and
+stderr and that environment, and runs either
+- a script (train.py: the run directory, its log as stdout and stderr) as __main__, with the
+  argv, sys.path[0], __file__ and exit status that `python <script>` would give it. What train.py
+  could still tell apart: the modules already in sys.modules (PRELOAD and theirs, this module),
+  sys.orig_argv, and __main__'s __loader__ (None); or
+- a module, as `python -m <module> /dev/fd/N...` would, one argument for each file handed over
+  (workers.evaluator, handed the exported model: workers/evaluator.py).
 
 This file is also the standby's main module (`python -m workers.standby FD`): at module level it
 imports the standard library only.
@@ -47,8 +51,8 @@ PRELOAD = ("torch", "numpy", "pyarrow", "pyarrow.parquet", "tiktoken", "triton")
 # A run's own variables (profile, seed, cache view), given at the hand-over; the standby starts
 # with the rest of the run's environment, which the interpreter and PRELOAD may read at start.
 RUN_VARIABLES_PREFIX = "AUTORESEARCH_"
-MAX_MESSAGE_BYTES = 1 << 20  # the hand-over message: the run's environment and script path
-HANDED_FDS = 2  # the run directory and the log file
+MAX_MESSAGE_BYTES = 1 << 20  # the hand-over message: the run's environment and what to run
+MAX_HANDED_FDS = 8  # the working directory, stdout, stderr, then the files a module reads
 
 
 def standing_environment(env: dict[str, str]) -> dict[str, str]:
@@ -62,7 +66,7 @@ def standing_environment(env: dict[str, str]) -> dict[str, str]:
 
 @dataclass
 class Standby:
-    """A started standby interpreter (workers.runner.start_standby makes one)."""
+    """A started standby interpreter (workers.runner.start_standby or start_evaluator_standby makes one)."""
 
     proc: subprocess.Popen  # leads a process group of its own
     channel: socket.socket  # the worker's end of the socketpair
@@ -71,19 +75,22 @@ class Standby:
     uid: int | None  # the account it runs as; None: the worker's own
     launched: bool = False
 
-    def launch(self, run_dir_fd: int, log_fd: int, env: dict[str, str], *, script: str, python: str,
-               uid: int | None) -> subprocess.Popen | None:
-        """Hand it the run; its process is then the run's process. None, with the reason logged,
-        when it cannot take this run: it is discarded then, and the caller starts a fresh one."""
+    def launch(self, env: dict[str, str], *, python: str, uid: int | None, cwd_fd: int, stdout_fd: int,
+               stderr_fd: int, script: str | None = None, module: str | None = None,
+               files: tuple[int, ...] = ()) -> subprocess.Popen | None:
+        """Hand it the run of `script`, or of `module` with `files` as its arguments; its process
+        is then the run's process. None, with the reason logged, when it cannot take this run: it
+        is discarded then, and the caller starts a fresh one."""
         why = self._unfit(env, python, uid)
         if why is None:
-            message = json.dumps({"env": env, "script": script}).encode()
+            message = json.dumps({"env": env, "script": script, "module": module}).encode()
             try:
-                socket.send_fds(self.channel, [message], [run_dir_fd, log_fd])
+                socket.send_fds(self.channel, [message], [cwd_fd, stdout_fd, stderr_fd, *files])
             except OSError as exc:  # it died since we looked
                 why = f"the hand-over failed: {exc}"
         if why is not None:
-            log.warning("standby interpreter %d not used, starting train.py afresh: %s", self.proc.pid, why)
+            log.warning("standby interpreter %d not used, starting %s afresh: %s", self.proc.pid, script or module,
+                        why)
             self.discard()
             return None
         self.launched = True
@@ -127,20 +134,32 @@ def serve(channel_fd: int) -> None:
     for name in PRELOAD:
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name)
-    message, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE_BYTES, HANDED_FDS)
+    message, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE_BYTES, MAX_HANDED_FDS)
     channel.close()
     if not message:  # the worker closed its end: discarded
         return
     run = json.loads(message)
-    run_dir_fd, log_fd = fds
-    os.fchdir(run_dir_fd)
-    os.close(run_dir_fd)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    os.close(log_fd)
+    cwd_fd, stdout_fd, stderr_fd, *files = fds
+    os.fchdir(cwd_fd)
+    os.dup2(stdout_fd, 1)
+    os.dup2(stderr_fd, 2)
+    for fd in (cwd_fd, stdout_fd, stderr_fd):
+        os.close(fd)
     os.environ.clear()
     os.environ.update(run["env"])
-    script = run["script"]
+    if run["module"] is not None:
+        # As `python -m` sets them: sys.path[0] the working directory, argv[0] the module's file
+        # (run_module puts it there). An uncaught exception leaves through the interpreter, which
+        # prints it and exits 1, as python -m does.
+        sys.path[0] = os.getcwd()
+        sys.argv = [run["module"], *(f"/dev/fd/{fd}" for fd in files)]
+        runpy.run_module(run["module"], run_name="__main__", alter_sys=True)
+    else:
+        run_script(run["script"])
+
+
+def run_script(script: str) -> None:
+    """Run `script` as `python <script>` would, in this process."""
     sys.argv = [script]
     # As `python <script>` sets them: __file__ (and the file name in tracebacks) is the script's
     # absolute path, sys.path[0] its folder with links resolved where the user may resolve them

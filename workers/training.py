@@ -9,7 +9,9 @@ parent gone (it renews the lease), train.py is stopped and nothing is recorded.
 Each pool child keeps one standby interpreter (workers/standby.py) for its next run: started
 when the child starts and again as soon as a train.py has ended, so that its imports overlap
 recording and scoring; a run takes it, and it dies with the child (its exit, or the kernel's
-parent-death signal when the child is killed).
+parent-death signal when the child is killed). Next to it waits one for the next trusted
+evaluation, started when the child starts and again right after each evaluation, so that its
+imports overlap the next run's training.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from workers.runner import (
     RunResult,
     run_training,
     sigterm_raises_system_exit,
+    start_evaluator_standby,
     start_standby,
     tail_log,
 )
@@ -76,11 +79,16 @@ def standing_env(gpu_index: int) -> dict[str, str]:
     env = {
         # prepare.py stays in the project: the run directory holds only the experiment's train.py.
         "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
-        # A CPU worker has no device to pin; a GPU worker pins its own.
-        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", str(gpu_index)),
+        "CUDA_VISIBLE_DEVICES": visible_devices(gpu_index),
     }
     env.update(cpu_share_env(gpus_on_host=len(list_gpus()), cores=os.cpu_count() or 1))
     return env
+
+
+def visible_devices(gpu_index: int) -> str:
+    """What train.py and the evaluator get as CUDA_VISIBLE_DEVICES: a CPU worker has no device to
+    pin; a GPU worker pins its own."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES", str(gpu_index))
 
 
 def cpu_share_env(*, gpus_on_host: int, cores: int) -> dict[str, str]:
@@ -97,33 +105,38 @@ def cpu_share_env(*, gpus_on_host: int, cores: int) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------
-# The standby interpreter of this pool child
+# The standby interpreters of this pool child
 
-_standby: Standby | None = None  # the interpreter this pool child's next run starts in
+TRAIN, EVALUATOR = "train.py", "the evaluator"
+_standbys: dict[str, Standby] = {}  # what this pool child's next run and next evaluation start in
 
 
 def prepare_standby(settings: Settings) -> None:
-    """Start the interpreter for this pool child's next run, unless one is waiting already."""
-    global _standby
-    if not settings.standby_interpreter or settings.worker_gpu_index is None or _standby is not None:
+    """Start the interpreters for this pool child's next run and next evaluation, unless they are
+    waiting already."""
+    if not settings.standby_interpreter or settings.worker_gpu_index is None:
         return
-    try:
-        _standby = start_standby(standing_env(settings.worker_gpu_index), sandbox_dir=settings.sandbox_dir)
-    except Exception:
-        # Only a head start is lost: the run starts a fresh train.py, where a real problem shows.
-        log.exception("could not start a standby interpreter")
+    starts = {TRAIN: lambda: start_standby(standing_env(settings.worker_gpu_index), sandbox_dir=settings.sandbox_dir),
+              EVALUATOR: lambda: start_evaluator_standby(visible_devices(settings.worker_gpu_index))}
+    for role, start in starts.items():
+        if role in _standbys:
+            continue
+        try:
+            _standbys[role] = start()
+        except Exception:
+            # Only a head start is lost: a fresh process starts instead, where a real problem shows.
+            log.exception("could not start a standby interpreter for %s", role)
 
 
-def take_standby() -> Standby | None:
-    global _standby
-    standby, _standby = _standby, None
-    return standby
+def take_standby(role: str = TRAIN) -> Standby | None:
+    return _standbys.pop(role, None)
 
 
 def discard_standby() -> None:
-    standby = take_standby()
-    if standby is not None:
-        standby.discard()
+    for role in (TRAIN, EVALUATOR):
+        standby = take_standby(role)
+        if standby is not None:
+            standby.discard()
 
 
 @worker_process_init.connect
@@ -292,7 +305,8 @@ def report_of(claim: lifecycle.Claim, result: RunResult,
 def _evaluation(run_id: str, artifact: Path, profile: str, cache_dir: Path, visible_devices: str):
     """The trusted evaluator's verdict on one run: computed once, even when recording it is
     retried while the database is down."""
-    return evaluator.score(artifact, profile=profile, cache_dir=cache_dir, visible_devices=visible_devices)
+    return evaluator.score(artifact, profile=profile, cache_dir=cache_dir, visible_devices=visible_devices,
+                           standby=take_standby(EVALUATOR))
 
 
 def record(settings: Settings, holder: lifecycle.Holder, claim: lifecycle.Claim, result: RunResult,
@@ -302,7 +316,9 @@ def record(settings: Settings, holder: lifecycle.Holder, claim: lifecycle.Claim,
     # An exported model is always scored; TRUSTED_SCORING=0 only lets a run without one keep its printed number.
     if result.status == "finished" and (settings.trusted_scoring or os.path.lexists(artifact)):
         evaluation = _evaluation(claim.run_id, artifact, claim.profile, settings.cache_dir,
-                                 os.environ.get("CUDA_VISIBLE_DEVICES", str(holder.gpu_index)))
+                                 visible_devices(holder.gpu_index))
+        # The next evaluation's interpreter imports while the next run trains.
+        prepare_standby(settings)
     return finish(settings, holder, claim, report_of(claim, result, evaluation), policy)
 
 
