@@ -188,10 +188,15 @@ def train(run_id: str, *, settings: Settings, redelivered: bool = False) -> dict
     throttle = _Throttle(PROGRESS_EVERY_S)
 
     # Progress is best effort: a database blip must not kill the run, only delay the news.
+    curve_started = False
+
     def look(progress: dict | None) -> None:
-        nonlocal standing
-        if not throttle.due():
+        nonlocal standing, curve_started
+        # The first progress line always goes in: a run shorter than the throttle's window (a
+        # quick start from the standby) must not end without a curve.
+        if not throttle.due() and (progress is None or curve_started):
             return
+        curve_started = curve_started or progress is not None
         try:
             with transaction(settings.database_url) as session:
                 latest = lifecycle.report_progress(session, run_id=claim.run_id, token=holder.token,
