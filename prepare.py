@@ -671,8 +671,12 @@ def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=None, prefe
 
     worker = threading.Thread(target=produce, name=f"dataloader-{split}", daemon=True)
     worker.start()
+    gate = _StagingGate.from_environment() if split == "train" else None
     try:
         while True:
+            if gate is not None and gate.holds_before_batch():
+                gate.hold(on_cuda)
+                gate = None
             item = ready.get()
             if isinstance(item, BaseException):
                 raise RuntimeError(f"dataloader ({split}) failed: {item!r}") from item
@@ -695,6 +699,53 @@ def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=None, prefe
         if on_cuda:
             free.put((torch.empty((2, B, T), dtype=torch.long, pin_memory=True), None))
         worker.join(timeout=5)
+
+
+class _StagingGate:
+    """Where a staged run waits for its GPU (workers/runner.py, stage_training).
+
+    A worker starts its next run while the GPU still trains the current one, so that the
+    interpreter, imports, data loader, model and (with STAGE_BATCHES_VARIABLE at 1) the compile of
+    the first forward and backward are done by the time the GPU is free. The training loader
+    holds the run before it hands out batch number STAGE_BATCHES_VARIABLE: whatever train.py
+    does, it cannot train further on its neighbour's time. While it holds, the cached GPU memory
+    goes back to the driver, and the worker hears how much the run needed (peak) and keeps
+    (held); one byte back from the worker lets it go on, end-of-file ends the run.
+    """
+
+    FD_VARIABLE = "AUTORESEARCH_STAGE_FD"
+    BATCHES_VARIABLE = "AUTORESEARCH_STAGE_BATCHES"
+
+    def __init__(self, fd, batches):
+        self.fd = fd
+        self.batches_left = batches
+
+    @classmethod
+    def from_environment(cls):
+        fd = os.environ.pop(cls.FD_VARIABLE, "")
+        batches = os.environ.pop(cls.BATCHES_VARIABLE, "0")
+        return cls(int(fd), int(batches)) if fd else None
+
+    def holds_before_batch(self):
+        if self.batches_left == 0:
+            return True
+        self.batches_left -= 1
+        return False
+
+    def hold(self, on_cuda):
+        peak_mb = held_mb = 0.0
+        if on_cuda:
+            torch.cuda.synchronize()
+            peak_mb = torch.cuda.max_memory_reserved() / 2**20
+            torch.cuda.empty_cache()
+            held_mb = torch.cuda.memory_reserved() / 2**20
+        os.write(self.fd, json.dumps({"peak_reserved_mb": round(peak_mb, 1),
+                                      "held_reserved_mb": round(held_mb, 1)}).encode())
+        go = os.read(self.fd, 1)
+        os.close(self.fd)
+        if not go:
+            print("staged run discarded by its worker before its turn on the GPU", file=sys.stderr, flush=True)
+            os._exit(1)
 
 
 # ---------------------------------------------------------------------------

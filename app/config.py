@@ -138,6 +138,10 @@ class Settings:
     # between runs, imports done (workers/standby.py); off (STANDBY_INTERPRETER=0), every run and
     # evaluation starts a fresh one.
     standby_interpreter: bool = True
+    # A GPU worker starts its next run while the current one still has this many seconds of its
+    # budget to train, and holds it before its second batch (workers/runner.py, stage_training);
+    # 0: a run starts only when the one before it has been recorded.
+    staged_start_lead_s: float = 90.0
 
     @property
     def runs_dir(self) -> Path:
@@ -250,4 +254,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         verdict_policy=_verdict_policy(env.get("VERDICT_POLICY")),
         trusted_scoring=_switch(env, "TRUSTED_SCORING", True),
         standby_interpreter=_switch(env, "STANDBY_INTERPRETER", True),
+        staged_start_lead_s=_number(env, "STAGED_START_LEAD_S", 90.0),
     )

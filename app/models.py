@@ -194,6 +194,8 @@ class Run(Base):
 
     queued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A staged run (claimed while the GPU still trained the run before it) gets its GPU later.
+    gpu_granted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     training_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -214,6 +216,8 @@ class Run(Base):
     depth: Mapped[int | None] = mapped_column(Integer)
     # Step 0's wall time, which torch.compile dominates (workers.progress.step0_seconds).
     compile_seconds: Mapped[float | None] = mapped_column(Float)
+    # How it was staged, for a staged run: workers.runner.StagedRun.record.
+    staging: Mapped[dict | None] = mapped_column(JSON)
 
     error: Mapped[str | None] = mapped_column(Text)
     log_path: Mapped[str | None] = mapped_column(Text)

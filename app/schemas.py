@@ -176,6 +176,12 @@ class RunPublic(Response):
     queue: str | None
     queued_at: str | None
     claimed_at: str | None
+    gpu_granted_at: str | None = Field(default=None, description="when the run got its GPU: its claim, or for a "
+                                       "staged run (claimed while the GPU trained the run before it) the hand-over; "
+                                       "null while it waits staged")
+    staging: dict | None = Field(default=None, description="a staged run: batches trained before its hold (1: the "
+                                 "compile), whether a standby interpreter ran it, seconds to the hold and waited, "
+                                 "its peak and held GPU memory (MB)")
     training_started_at: str | None
     finished_at: str | None
     profile: str | None

@@ -78,6 +78,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "VERDICT_POLICY": settings.verdict_policy,
         "TRUSTED_SCORING": "1" if settings.trusted_scoring else "0",
         "STANDBY_INTERPRETER": "1" if settings.standby_interpreter else "0",
+        "STAGED_START_LEAD_S": str(settings.staged_start_lead_s),
         "API_PORT": str(settings.api_port),
         "PYTHONUNBUFFERED": "1",
     }

@@ -27,6 +27,7 @@ Why it is built this way (see shared/notes/celery.md, "The training subprocess")
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pwd
@@ -113,6 +114,7 @@ def run_training(
     python: str = sys.executable,
     sandbox_dir: Path = SANDBOX_ROOT,
     standby: Standby | None = None,
+    staged: StagedRun | None = None,
 ) -> RunResult:
     """Write `source` to run_dir/train.py, run it, and return how it ended.
 
@@ -125,43 +127,26 @@ def run_training(
     SIGKILL after TERM_GRACE_S.
 
     With a `standby` (start_standby) train.py runs in it when it fits this run, else (logged) in
-    a fresh process; either way the standby is used up.
+    a fresh process; either way the standby is used up. With `staged` (stage_training), the run
+    started earlier is let go on, and `source`, `env` and `standby` are not used: the deadline
+    counts from now.
 
     An exception raised by on_progress or should_cancel propagates to the caller, after the
     process group has been killed. So does SystemExit when the worker gets SIGTERM.
     """
-    run_dir = Path(run_dir)
     with sigterm_raises_system_exit():
-        proc = None
+        started = None
         stop_reason = None  # "timeout" or "cancelled" once we decide to kill
         progress = None
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            account = sandbox.run_account()
-            if account is not None:
-                sandbox.prepare_for_account(account, run_dir, sandbox_dir)
-            (run_dir / TRAIN_FILENAME).write_text(source, encoding="utf-8")
-            log_path = run_dir / LOG_FILENAME
-            child_env = _child_environment(env, account, sandbox_dir)
-            started_at = time.time()
+            if staged is not None:
+                started = staged.started
+                staged.let_go()
+            else:
+                started = _start(source, Path(run_dir), env, python, sandbox_dir, standby)
+            proc = started.proc
             deadline = time.monotonic() + timeout_s
-            with open(log_path, "wb") as log_file:  # the child keeps its own copy of the fd
-                if standby is not None:
-                    proc = _launch(standby, run_dir, log_file.fileno(), child_env, python, account)
-                if proc is None:
-                    proc = subprocess.Popen(
-                        [python, _script_path(account)],
-                        cwd=run_dir,
-                        env=child_env,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log_file,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                        # Set after the switch to the account: a change of uid clears it.
-                        preexec_fn=parent_death_signal(signal.SIGKILL),
-                        **_account_arguments(account),
-                    )
-            reader = _LogFollower(log_path)
+            reader = _LogFollower(started.log_path)
             while True:
                 wait_s = max(0.0, min(poll_interval_s, deadline - time.monotonic()))
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -182,22 +167,148 @@ def run_training(
         finally:
             # Every exit path, including exceptions, ends here: no member of the group may
             # outlive the run (a child left behind by train.py would keep its GPU memory).
-            if proc is not None:
-                _stop_group(proc)
+            if started is not None:
+                _stop_group(started.proc)
+            if staged is not None:
+                staged.discard()
             if standby is not None:  # a no-op once handed the run; unused, it must not outlive it
                 standby.discard()
         ended_at = time.time()
 
     return _make_result(
         stop_reason=stop_reason,
-        returncode=proc.returncode,
-        log_path=log_path,
+        returncode=started.proc.returncode,
+        log_path=started.log_path,
         timeout_s=timeout_s,
         progress=progress,
-        started_at=started_at,
+        started_at=started.started_at,
         ended_at=ended_at,
-        standby=standby is not None and proc is standby.proc,
+        standby=started.standby,
     )
+
+
+@dataclass(frozen=True)
+class _Started:
+    proc: subprocess.Popen  # leads the run's process group
+    log_path: Path
+    started_at: float  # time.time()
+    standby: bool  # it runs in a standby interpreter
+
+
+def _start(source: str, run_dir: Path, env: dict[str, str], python: str, sandbox_dir: Path,
+           standby: Standby | None, gate: socket.socket | None = None) -> _Started:
+    """Write train.py into run_dir and start it: in `standby` when it fits, else afresh. With a
+    `gate` (stage_training), the run holds at prepare's training loader until told to go on."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    account = sandbox.run_account()
+    if account is not None:
+        sandbox.prepare_for_account(account, run_dir, sandbox_dir)
+    (run_dir / TRAIN_FILENAME).write_text(source, encoding="utf-8")
+    log_path = run_dir / LOG_FILENAME
+    child_env = _child_environment(env, account, sandbox_dir)
+    started_at = time.time()
+    proc = None
+    with open(log_path, "wb") as log_file:  # the child keeps its own copy of the fd
+        if standby is not None:
+            proc = _launch(standby, run_dir, log_file.fileno(), child_env, python, account, gate)
+        if proc is None:
+            if gate is not None:
+                child_env[STAGE_FD_VARIABLE] = str(gate.fileno())
+            proc = subprocess.Popen(
+                [python, _script_path(account)],
+                cwd=run_dir,
+                env=child_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                pass_fds=() if gate is None else (gate.fileno(),),
+                start_new_session=True,
+                # Set after the switch to the account: a change of uid clears it.
+                preexec_fn=parent_death_signal(signal.SIGKILL),
+                **_account_arguments(account),
+            )
+    return _Started(proc, log_path, started_at, standby is not None and proc is standby.proc)
+
+
+# ---------------------------------------------------------------------------
+# A run staged while the GPU still trains the one before it (issue 15, "staged start")
+
+# prepare._StagingGate reads these (named here to keep torch out of the worker).
+STAGE_FD_VARIABLE = "AUTORESEARCH_STAGE_FD"
+STAGE_BATCHES_VARIABLE = "AUTORESEARCH_STAGE_BATCHES"
+
+
+@dataclass
+class StagedRun:
+    """A run started ahead of its turn (stage_training), held by prepare's training loader
+    before its batch number `batches`, until run_training(..., staged=) lets it go on."""
+
+    run_id: str
+    started: _Started
+    gate: socket.socket  # the worker's end: a byte lets the run go on, closing it ends the run
+    batches: int  # 1: its first forward and backward (the compile) ran before the hold; 0: none
+    staged_monotonic: float
+    ready: dict | None = None  # what the run said at the hold: its peak and held GPU memory (MB)
+    ready_after_s: float | None = None  # seconds from staging to the hold
+
+    def poll_ready(self) -> dict | None:
+        """What the run said on reaching the hold, once it has; never blocks."""
+        if self.ready is None:
+            try:
+                message = self.gate.recv(4096, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:  # the run died before its hold: run_training will say how
+                return None
+            if message:
+                self.ready = json.loads(message)
+                self.ready_after_s = time.monotonic() - self.staged_monotonic
+        return self.ready
+
+    def usable(self) -> bool:
+        """It waits at its hold, or is still on its way there (a long compile). A train.py that
+        takes no batch from prepare's training loader never holds: once it has ended or printed
+        progress, what it did cannot be the run, which starts afresh instead."""
+        return self.started.proc.poll() is None and not self.trains_unheld()
+
+    def trains_unheld(self) -> bool:
+        """It printed a progress line without having held."""
+        return self.poll_ready() is None and last_progress(tail_log(self.started.log_path)) is not None
+
+    def let_go(self) -> None:
+        self.poll_ready()
+        with contextlib.suppress(OSError):  # it died meanwhile: its exit is the run's end
+            self.gate.send(b"1")
+        self.gate.close()
+
+    def discard(self) -> None:
+        """End it: its whole process group, and the hold's channel."""
+        self.gate.close()
+        _stop_group(self.started.proc)
+
+    def record(self) -> dict:
+        """What the run's record keeps of its staging."""
+        self.poll_ready()
+        return {"held": self.ready is not None, "batches": self.batches, "standby": self.started.standby,
+                "ready_after_s": None if self.ready_after_s is None else round(self.ready_after_s, 2),
+                "waited_s": round(time.monotonic() - self.staged_monotonic, 2), **(self.ready or {})}
+
+
+def stage_training(run_id: str, source: str, run_dir: Path, *, env: dict[str, str], batches: int,
+                   python: str = sys.executable, sandbox_dir: Path = SANDBOX_ROOT,
+                   standby: Standby | None = None) -> StagedRun:
+    """Start a run that may not train yet: it does everything up to prepare's training loader
+    handing out batch number `batches` (imports, data, model, and with 1 the first forward and
+    backward: the compile), then holds until run_training(..., staged=) lets it go on."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with theirs:  # the run keeps its own copy
+            started = _start(source, Path(run_dir), {**env, STAGE_BATCHES_VARIABLE: str(batches)}, python,
+                             sandbox_dir, standby, gate=theirs)
+    except BaseException:
+        ours.close()
+        raise
+    return StagedRun(run_id, started, ours, batches, time.monotonic())
 
 
 def start_standby(env: dict[str, str], *, python: str = sys.executable, sandbox_dir: Path = SANDBOX_ROOT) -> Standby:
@@ -245,13 +356,15 @@ def _spawn_standby(standing: dict[str, str], python: str, account: pwd.struct_pa
 
 
 def _launch(standby: Standby, run_dir: Path, log_fd: int, child_env: dict[str, str], python: str,
-            account: pwd.struct_passwd | None) -> subprocess.Popen | None:
+            account: pwd.struct_passwd | None, gate: socket.socket | None) -> subprocess.Popen | None:
     # A sandboxed standby cannot open the run directory by path (the folder above is closed to
     # it), so it gets the directory itself, opened here.
     run_dir_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         return standby.launch(child_env, python=python, uid=_uid(account), cwd_fd=run_dir_fd, stdout_fd=log_fd,
-                              stderr_fd=log_fd, script=_script_path(account))
+                              stderr_fd=log_fd, script=_script_path(account),
+                              files=() if gate is None else (gate.fileno(),),
+                              fd_variable=None if gate is None else STAGE_FD_VARIABLE)
     finally:
         os.close(run_dir_fd)
 

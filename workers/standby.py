@@ -77,13 +77,16 @@ class Standby:
 
     def launch(self, env: dict[str, str], *, python: str, uid: int | None, cwd_fd: int, stdout_fd: int,
                stderr_fd: int, script: str | None = None, module: str | None = None,
-               files: tuple[int, ...] = ()) -> subprocess.Popen | None:
+               files: tuple[int, ...] = (), fd_variable: str | None = None) -> subprocess.Popen | None:
         """Hand it the run of `script`, or of `module` with `files` as its arguments; its process
-        is then the run's process. None, with the reason logged, when it cannot take this run: it
-        is discarded then, and the caller starts a fresh one."""
+        is then the run's process. With `fd_variable`, the run finds the first of `files` by the
+        number that variable holds (a script's gate: workers/runner.py, stage_training). None,
+        with the reason logged, when it cannot take this run: it is discarded then, and the
+        caller starts a fresh one."""
         why = self._unfit(env, python, uid)
         if why is None:
-            message = json.dumps({"env": env, "script": script, "module": module}).encode()
+            message = json.dumps({"env": env, "script": script, "module": module,
+                                  "fd_variable": fd_variable}).encode()
             try:
                 socket.send_fds(self.channel, [message], [cwd_fd, stdout_fd, stderr_fd, *files])
             except OSError as exc:  # it died since we looked
@@ -147,6 +150,8 @@ def serve(channel_fd: int) -> None:
         os.close(fd)
     os.environ.clear()
     os.environ.update(run["env"])
+    if run["fd_variable"] is not None:
+        os.environ[run["fd_variable"]] = str(files[0])
     if run["module"] is not None:
         # As `python -m` sets them: sys.path[0] the working directory, argv[0] the module's file
         # (run_module puts it there). An uncaught exception leaves through the interpreter, which

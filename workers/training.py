@@ -12,6 +12,13 @@ recording and scoring; a run takes it, and it dies with the child (its exit, or 
 parent-death signal when the child is killed). Next to it waits one for the next trusted
 evaluation, started when the child starts and again right after each evaluation, so that its
 imports overlap the next run's training.
+
+Staged start: once the current run has STAGED_START_LEAD_S of its budget left, the child claims
+the run it would take next (lifecycle.stage_next) and starts it (workers/runner.py,
+stage_training); the run does its imports, data and model, and where the GPU has room its first
+forward and backward (the compile), and holds until this run has been recorded and the staged
+run's message comes back to this worker (lifecycle.take_staged). While it waits, a cancel ends
+it and a shutdown hands it back with the current run.
 """
 
 from __future__ import annotations
@@ -35,14 +42,16 @@ from app.models import CANCELLED, CRASH, FINISHED, PRUNED, TIMEOUT
 from app.services import lifecycle
 from workers import evaluator, sandbox
 from workers.fingerprint import digest
-from workers.gpu import list_gpus
+from workers.gpu import list_gpus, nvml_available, telemetry
 from workers.heartbeat import identity
 from workers.progress import step0_seconds
 from workers.runner import (
     LOG_TAIL_CHARS,
     RunResult,
+    StagedRun,
     run_training,
     sigterm_raises_system_exit,
+    stage_training,
     start_evaluator_standby,
     start_standby,
     tail_log,
@@ -55,6 +64,11 @@ PROGRESS_EVERY_S = 2.0  # live progress, the curve and the log tail are written 
 DATABASE_DOWN = (OperationalError, InterfaceError)
 STORED_LOG_BYTES = 16_000  # the log tail kept in the run's row, for the API on any machine
 
+
+# A staged run compiles (its first forward and backward) before its turn only where the GPU has
+# this much memory free for every MB in use by the run it waits behind; else it holds before
+# its first batch.
+STAGED_MEMORY_HEADROOM = 1.1
 
 # Thread pools a train.py sizes from the host's core count unless told otherwise.
 CPU_THREAD_VARIABLES = ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS")
@@ -147,6 +161,110 @@ def _standby_for_the_first_run(**_):
 @worker_process_shutdown.connect
 def _no_standby_after_the_child(**_):
     discard_standby()
+    discard_staged()
+
+
+# ---------------------------------------------------------------------------
+# The staged next run of this pool child
+
+
+@dataclasses.dataclass
+class _NextRun:
+    claim: lifecycle.Claim
+    process: StagedRun
+
+
+_next_run: _NextRun | None = None
+
+
+def stage_batches(gpu_index: int) -> int:
+    """How many batches a staged run may train before its hold: 1 (its compile) where the GPU has
+    room for a second run of the size of the one training now, else 0."""
+    if not nvml_available():
+        return 1  # a CPU worker: host memory, which a tiny run barely touches
+    reading = telemetry(gpu_index)
+    used, total = reading.get("memory_used_mb"), reading.get("vram_total_mb")
+    if used is None or total is None:
+        return 0
+    return 1 if total - used >= STAGED_MEMORY_HEADROOM * used else 0
+
+
+def stage_next_run(settings: Settings, holder: lifecycle.Holder) -> None:
+    """Claim and start the run this worker would take next, if one is queued."""
+    global _next_run
+    queues = [*lifecycle.worker_queues(holder.gpu_id), lifecycle.setup_queue(digest(holder.fingerprint))]
+    with transaction(settings.database_url) as session:
+        staged = lifecycle.stage_next(session, holder=holder, lease_s=settings.lease_s, queues=queues)
+    if staged is None:
+        return
+    claim, dispatch = staged
+    send_all([dispatch], settings.broker_url)
+    try:
+        process = stage_training(
+            claim.run_id, claim.train_py, settings.runs_dir / claim.experiment_id / claim.run_id,
+            env=child_env(settings, claim.profile, holder.gpu_index, claim.seed),
+            batches=stage_batches(holder.gpu_index), sandbox_dir=settings.sandbox_dir, standby=take_standby())
+    except Exception:
+        # Only the head start is lost: the run trains from its message, started afresh.
+        log.exception("could not stage run %s; it starts when its turn comes", claim.run_id)
+        return
+    _next_run = _NextRun(claim, process)
+    log.info("staged run %s (%d batch(es) before its hold, %s interpreter)", claim.run_id, process.batches,
+             "standby" if process.started.standby else "fresh")
+
+
+def look_after_staged(settings: Settings, holder: lifecycle.Holder, policy: lifecycle.Policy) -> None:
+    """While it waits: its log tail goes in its row, a cancel ends it, a lost lease drops it."""
+    global _next_run
+    if _next_run is None:
+        return
+    claim, process = _next_run.claim, _next_run.process
+    if process.trains_unheld():
+        # It takes no batch from prepare's training loader, so nothing holds it: it stops now and
+        # starts afresh when its turn comes.
+        log.warning("staged run %s trains without holding for its turn; stopped until then", claim.run_id)
+        process.discard()
+    with transaction(settings.database_url) as session:
+        standing = lifecycle.report_progress(session, run_id=claim.run_id, token=holder.token, progress=None,
+                                             log_tail=tail_log(process.started.log_path, STORED_LOG_BYTES))
+    if standing.held and not standing.cancel_requested:
+        return
+    _next_run = None
+    process.discard()
+    if standing.held:
+        finish(settings, holder, claim, lifecycle.RunReport(CANCELLED, error="cancelled while staged; process group killed",
+                                                            log_tail=tail_log(process.started.log_path,
+                                                                              STORED_LOG_BYTES)), policy)
+    log.info("staged run %s ended before its turn: %s", claim.run_id,
+             "cancelled" if standing.held else "this worker no longer holds it")
+
+
+def take_staged_process(run_id: str) -> StagedRun | None:
+    """The staged process of `run_id`, if this pool child staged it."""
+    global _next_run
+    if _next_run is None or _next_run.claim.run_id != run_id:
+        return None
+    process, _next_run = _next_run.process, None
+    return process
+
+
+def discard_staged() -> None:
+    """Kill the staged process, if any; its run stays claimed for the message that comes back
+    (take_staged), which then starts it afresh."""
+    global _next_run
+    if _next_run is not None:
+        _next_run.process.discard()
+        _next_run = None
+
+
+def hand_back_staged(settings: Settings, holder: lifecycle.Holder, policy: lifecycle.Policy) -> None:
+    """The worker shuts down: the staged run goes back to the queue with the current one."""
+    global _next_run
+    if _next_run is None:
+        return
+    claim = _next_run.claim
+    discard_staged()
+    hand_back(settings, holder, claim, policy)
 
 
 class _Throttle:
@@ -179,9 +297,22 @@ def train(run_id: str, *, settings: Settings, redelivered: bool = False) -> dict
         send_all([dispatch] if dispatch else [], settings.broker_url)
         log.warning("refused run %s: %s", run_id, exc)
         return {"run_id": run_id, "status": "refused", "differences": exc.differences}
+    staged = None
     if claim is None:
-        log.info("run %s is not queued any more (redelivered=%s); skipping", run_id, redelivered)
-        return {"run_id": run_id, "status": "skipped"}
+        # Not queued: it may be the run this worker staged, whose message came back to it.
+        staged = take_staged_process(run_id)
+        staging = staged.record() if staged else None
+        if staged is not None and not staged.usable():
+            log.warning("staged run %s did not hold for its turn; starting it afresh", run_id)
+            staged.discard()
+            staged = None
+        with transaction(settings.database_url) as session:
+            claim = lifecycle.take_staged(session, run_id=run_id, holder=holder, staging=staging)
+        if claim is None:
+            if staged is not None:
+                staged.discard()
+            log.info("run %s is not queued any more (redelivered=%s); skipping", run_id, redelivered)
+            return {"run_id": run_id, "status": "skipped"}
     run_dir = settings.runs_dir / claim.experiment_id / claim.run_id
     parent = os.getppid()
     standing = lifecycle.Standing(held=True, cancel_requested=False)
@@ -204,8 +335,17 @@ def train(run_id: str, *, settings: Settings, redelivered: bool = False) -> dict
                                                    log_tail=tail_log(run_dir / "train.log", STORED_LOG_BYTES))
             # A prune, once decided, stands until the run is stopped.
             standing = dataclasses.replace(latest, prune=latest.prune or standing.prune)
+            if progress is not None and staging_due(progress):
+                stage_next_run(settings, holder)
+            else:
+                look_after_staged(settings, holder, policy)
         except DATABASE_DOWN as exc:
             log.warning("progress of %s not stored (database unreachable): %s", claim.run_id, exc.orig)
+
+    def staging_due(progress: dict) -> bool:
+        remaining = progress.get("remaining_s")
+        return (_next_run is None and settings.staged_start_lead_s > 0 and standing.held
+                and remaining is not None and remaining <= settings.staged_start_lead_s)
 
     def on_progress(progress: dict) -> None:
         look(progress)
@@ -222,13 +362,16 @@ def train(run_id: str, *, settings: Settings, redelivered: bool = False) -> dict
             result = run_training(
                 claim.train_py, run_dir, env=child_env(settings, claim.profile, holder.gpu_index, claim.seed),
                 timeout_s=settings.run_deadline_s(claim.profile), sandbox_dir=settings.sandbox_dir,
-                should_cancel=should_stop, on_progress=on_progress, standby=take_standby(),
+                should_cancel=should_stop, on_progress=on_progress,
+                standby=None if staged else take_standby(), staged=staged,
             )
         except SystemExit:
             # train.py's group, if it started, is gone, and so is the standby it took: hand the
-            # run back. No new standby: this child is on its way out.
+            # run back, and the run staged behind it. No new standby: this child is on its way out.
             until_database_answers(lambda: hand_back(settings, holder, claim, policy),
                                    what=f"hand-back of {run_id}")
+            until_database_answers(lambda: hand_back_staged(settings, holder, policy),
+                                   what=f"hand-back of the run staged after {run_id}")
             raise
     # The next run's interpreter imports while this one is recorded and scored.
     prepare_standby(settings)

@@ -176,8 +176,8 @@ RUN_FIELDS = ("id", "experiment_id", "replicate", "attempt", "purpose", "seed", 
               "gpu_model", "host", "lease_holder", "task_id", "queue", "profile", "val_bpb", "reported_val_bpb",
               "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_m", "num_steps",
               "num_params_m", "depth", "compile_seconds", "error", "progress", "curve", "fingerprint",
-              "scoring", "score_mismatch")
-RUN_TIMES = ("lease_expires_at", "queued_at", "claimed_at", "training_started_at", "finished_at")
+              "scoring", "score_mismatch", "staging")
+RUN_TIMES = ("lease_expires_at", "queued_at", "claimed_at", "gpu_granted_at", "training_started_at", "finished_at")
 
 
 def run_public(run: Run) -> dict:

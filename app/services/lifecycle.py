@@ -263,14 +263,17 @@ def start_manual_run(session: Session, experiment: Experiment, *, gpu_id: str | 
 
 
 def resend(session: Session, run_id: str) -> Dispatch | None:
-    """A queued run whose message the broker lost gets a new message id; the old one, should it
-    come back, still finds the run queued and only one of the two can claim it."""
+    """A queued (or staged) run whose message the broker lost gets a new message id; the old one,
+    should it come back, still finds the run queued and only one of the two can claim it."""
     row = session.execute(
-        update(Run).where(Run.id == run_id, Run.status == QUEUED)
-        .values(task_id=str(uuid.uuid4())).returning(Run.task_id, Run.queue)
+        update(Run).where(Run.id == run_id, Run.status.in_([QUEUED, RUNNING]))
+        .values(task_id=str(uuid.uuid4())).returning(Run.task_id, Run.queue, Run.status, Run.lease_holder)
         .execution_options(synchronize_session=False)
     ).one_or_none()
-    return Dispatch(run_id, row.task_id, row.queue) if row else None
+    if row is None:
+        return None
+    # A staged run's message goes to the worker that staged it (stage_next).
+    return Dispatch(run_id, row.task_id, gpu_queue(row.lease_holder) if row.status == RUNNING else row.queue)
 
 
 # ---------------------------------------------------------------------------
@@ -313,12 +316,13 @@ class Draining(Exception):
     back to the queue for another worker."""
 
 
-def claim(session: Session, *, run_id: str, holder: Holder, lease_s: float) -> Claim | None:
+def claim(session: Session, *, run_id: str, holder: Holder, lease_s: float, staged: bool = False) -> Claim | None:
     """Take a queued run under a lease. A redelivered or duplicate message, or one for a run that
     was cancelled or superseded, finds nothing to take and never trains anything. Only a worker
     registered in the pool takes runs: one that deregistered to shut down raises Draining. The
     tag's first claim pins the worker's setup to the tag; a worker of another setup raises
-    SetupMismatch and leaves the run queued."""
+    SetupMismatch and leaves the run queued. A `staged` claim (stage_next) takes the run while
+    the GPU still trains another: it gets the GPU when the worker hands it over (take_staged)."""
     experiment_id = session.scalar(select(Run.experiment_id).where(Run.id == run_id))
     if experiment_id is not None:
         # In lock order, before the run's row; the tag's lock also makes two first claims from
@@ -336,7 +340,7 @@ def claim(session: Session, *, run_id: str, holder: Holder, lease_s: float) -> C
             """
             UPDATE runs r SET status = :running, lease_holder = :gpu_id, lease_token = :token,
                    lease_expires_at = now() + make_interval(secs => :lease_s), claimed_at = now(),
-                   gpu_id = :gpu_id, gpu_index = :gpu_index, gpu_model = :gpu_model, host = :host,
+                   gpu_granted_at = CASE WHEN :staged THEN NULL ELSE now() END, gpu_id = :gpu_id, gpu_index = :gpu_index, gpu_model = :gpu_model, host = :host,
                    fingerprint = CAST(:fingerprint AS json), error = NULL
             FROM experiments e JOIN tags t ON t.name = e.tag
             WHERE r.id = :run_id AND r.status = :queued AND e.id = r.experiment_id AND NOT e.cancel_requested
@@ -348,7 +352,8 @@ def claim(session: Session, *, run_id: str, holder: Holder, lease_s: float) -> C
         {"running": RUNNING, "queued": QUEUED, "gpu_id": holder.gpu_id, "gpu_index": holder.gpu_index,
          "token": holder.token,
          "gpu_model": holder.gpu_model, "host": holder.host, "lease_s": lease_s, "run_id": run_id,
-         "live": list(LIVE_STATUSES), "worker_gpu": WORKER_GPU, "fingerprint": json.dumps(holder.fingerprint)},
+         "live": list(LIVE_STATUSES), "worker_gpu": WORKER_GPU, "fingerprint": json.dumps(holder.fingerprint),
+         "staged": staged},
     ).one_or_none()
     if row is None:
         if session.get(Gpu, holder.gpu_id) is None:
@@ -361,6 +366,63 @@ def claim(session: Session, *, run_id: str, holder: Holder, lease_s: float) -> C
         return None
     move_experiment(session, row.experiment_id, RUNNING, only_from=[QUEUED],
                     started_at=func.coalesce(Experiment.started_at, func.now()))
+    if not staged:
+        _gpu_busy(session, holder.gpu_id, experiment_id=row.experiment_id, run_id=row.id)
+    return Claim(row.id, row.experiment_id, row.attempt, row.seed, row.tag, row.profile, row.train_py)
+
+
+def stage_next(session: Session, *, holder: Holder, lease_s: float, queues: list[str]) -> tuple[Claim, Dispatch] | None:
+    """Claim, staged, the run this worker would take next from `queues` (in the order it drains
+    them, oldest first), while its GPU still trains the current one. A run on a shared queue is
+    left for another worker while one is idle. The staged run gets a new message on the worker's
+    own queue, which it drains first, so that it comes back to this worker; the message it had
+    finds the run claimed wherever it is delivered. Its `queue` stays: handed back, it goes
+    where it came from."""
+    run_id = session.execute(text(
+        """
+        SELECT r.id FROM runs r JOIN experiments e ON e.id = r.experiment_id JOIN tags t ON t.name = e.tag
+        WHERE r.status = :queued AND r.queue = ANY(:queues) AND NOT e.cancel_requested AND e.status = ANY(:live)
+              AND (t.fingerprint IS NULL OR t.fingerprint::jsonb = CAST(:fingerprint AS jsonb))
+              AND (r.queue = :own OR NOT EXISTS (
+                   SELECT 1 FROM gpus g WHERE g.kind = :worker_gpu AND g.status = :idle AND g.id <> :gpu_id))
+        ORDER BY array_position(CAST(:queues AS text[]), CAST(r.queue AS text)), r.queued_at
+        LIMIT 1
+        """
+    ), {"queued": QUEUED, "queues": queues, "live": list(LIVE_STATUSES), "fingerprint": json.dumps(holder.fingerprint),
+        "own": gpu_queue(holder.gpu_id), "worker_gpu": WORKER_GPU, "idle": IDLE, "gpu_id": holder.gpu_id}).scalar()
+    if run_id is None:
+        return None
+    try:
+        staged = claim(session, run_id=run_id, holder=holder, lease_s=lease_s, staged=True)
+    except SetupMismatch:  # the tag was pinned since the look: left for the workers of its setup
+        return None
+    if staged is None:
+        return None
+    task_id = session.execute(update(Run).where(Run.id == run_id).values(task_id=str(uuid.uuid4()))
+                              .returning(Run.task_id).execution_options(synchronize_session=False)).scalar_one()
+    return staged, Dispatch(run_id, task_id, gpu_queue(holder.gpu_id))
+
+
+def take_staged(session: Session, *, run_id: str, holder: Holder, staging: dict | None) -> Claim | None:
+    """Hand the GPU to a run this incarnation staged (stage_next); None if it holds no such run
+    (it was lost meanwhile, or is already on the GPU); a cancel asked for meanwhile is the
+    caller's to carry out. `staging` is what the run's record keeps of how it was staged."""
+    experiment_id = session.scalar(select(Run.experiment_id).where(Run.id == run_id))
+    if experiment_id is None:
+        return None
+    _locked_experiment(session, experiment_id)
+    row = session.execute(text(
+        """
+        UPDATE runs r SET gpu_granted_at = now(), staging = CAST(:staging AS json)
+        FROM experiments e JOIN tags t ON t.name = e.tag
+        WHERE r.id = :run_id AND r.status = :running AND r.lease_token = :token AND r.gpu_granted_at IS NULL
+              AND e.id = r.experiment_id
+        RETURNING r.id, r.experiment_id, r.attempt, r.seed, e.tag, t.profile, e.train_py
+        """
+    ), {"run_id": run_id, "running": RUNNING, "token": holder.token,
+        "staging": None if staging is None else json.dumps(staging)}).one_or_none()
+    if row is None:
+        return None
     _gpu_busy(session, holder.gpu_id, experiment_id=row.experiment_id, run_id=row.id)
     return Claim(row.id, row.experiment_id, row.attempt, row.seed, row.tag, row.profile, row.train_py)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict
-from app.models import OFFLINE, QUEUED, WORKER_GPU, Experiment, Gpu, Run
+from app.models import OFFLINE, QUEUED, RUNNING, WORKER_GPU, Experiment, Gpu, Run
 from app.services import experiments as exp_svc
 from app.services import lifecycle
 from app.services.lifecycle import Dispatch, Policy
@@ -59,12 +59,16 @@ def sweep_leases(session: Session, *, policy: Policy) -> list[Dispatch]:
 
 
 def redispatch_lost_messages(session: Session, *, present_task_ids: set[str], min_age_s: float) -> list[Dispatch]:
-    """Queued runs whose message the broker no longer holds (a Redis restart without
-    persistence, a flushed queue) get a fresh message. Only those queued for `min_age_s`, so a
-    message on its way from submit is never mistaken for a lost one."""
+    """Queued runs, and staged runs waiting for their GPU (lifecycle.stage_next), whose message
+    the broker no longer holds (a Redis restart without persistence, a flushed queue) get a
+    fresh message. Only those queued or staged for `min_age_s`, so a message on its way is never
+    mistaken for a lost one."""
+    since = func.now() - timedelta(seconds=min_age_s)
     queued = session.execute(
         select(Run.id, Run.task_id)
-        .where(Run.status == QUEUED, Run.queued_at < func.now() - timedelta(seconds=min_age_s))
+        .where(or_(and_(Run.status == QUEUED, Run.queued_at < since),
+                   and_(Run.status == RUNNING, Run.lease_token.is_not(None), Run.gpu_granted_at.is_(None),
+                        Run.claimed_at < since)))
         .with_for_update(skip_locked=True)
     ).all()
     dispatches = [lifecycle.resend(session, run.id) for run in queued if run.task_id not in present_task_ids]
