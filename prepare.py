@@ -741,11 +741,14 @@ class _StagingGate:
             held_mb = torch.cuda.memory_reserved() / 2**20
         os.write(self.fd, json.dumps({"peak_reserved_mb": round(peak_mb, 1),
                                       "held_reserved_mb": round(held_mb, 1)}).encode())
+        held_since = time.time()
         go = os.read(self.fd, 1)
         os.close(self.fd)
         if not go:
             print("staged run discarded by its worker before its turn on the GPU", file=sys.stderr, flush=True)
             os._exit(1)
+        # The worker takes this wait out of step 0's time, which it reports as the compile's.
+        print(f"staged: held {time.time() - held_since:.3f}s for the GPU", flush=True)
 
 
 # ---------------------------------------------------------------------------

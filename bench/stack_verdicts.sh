@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Verdicts on the device machine (bench/stack_verdicts.py), in one call or spread over two.
+# A stack benchmark on the device machine, in one call or spread over several: the verdicts
+# (bench/stack_verdicts.py), or the driver DRIVER names (bench/stack_timed_share.py, say).
 #
 # Run from the repository root, carrying the ignored folders .whl and .device/stack_cache (see
 # bench/stack_two_gpu.sh), e.g. through the device tool:
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/verdicts_out}"
 WORK="${WORK:-/tmp/verdicts}"
 WAIT_S="${WAIT_S:-560}"
+DRIVER="${DRIVER:-bench/stack_verdicts.py}"
 mkdir -p "$OUT"
 began=$(date +%s)
 action="${1:-start}"
@@ -33,10 +35,10 @@ start)
     export AUTORESEARCH_STATE="$WORK/state" AUTORESEARCH_CACHE="$WORK/repo/.device/stack_cache"
     export HEARTBEAT_INTERVAL="${HEARTBEAT_INTERVAL:-3}" KILL_TIMEOUT="${KILL_TIMEOUT:-600}"
     ls -la "$AUTORESEARCH_CACHE/data" "$AUTORESEARCH_CACHE/tokenizer"
-    (cd "$WORK/repo" && setsid bash -c 'echo $$ >"$0/pid"; python3 bench/stack_verdicts.py --out "$0/out" "$@"
-                                        echo $? >"$0/rc"' "$WORK" "$@" >"$WORK/out/driver.log" 2>&1 </dev/null &)
+    (cd "$WORK/repo" && setsid bash -c 'echo $$ >"$0/pid"; python3 "$1" --out "$0/out" "${@:2}"
+                                        echo $? >"$0/rc"' "$WORK" "$DRIVER" "$@" >"$WORK/out/driver.log" 2>&1 </dev/null &)
     for _ in 1 2 3 4 5 6 7 8 9 10; do [ -s "$WORK/pid" ] && break; sleep 0.5; done
-    echo "driver started, pid $(cat "$WORK/pid"): python3 bench/stack_verdicts.py $*"
+    echo "driver started, pid $(cat "$WORK/pid"): python3 $DRIVER $*"
     ;;
 wait)
     [ -f "$WORK/pid" ] || { echo "no driver was started on this machine ($WORK/pid is missing)"; exit 2; }

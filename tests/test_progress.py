@@ -139,3 +139,10 @@ def test_step0_seconds_is_the_first_progress_line_when_it_is_step_0():
     assert step0_seconds(log) == 45.7
     assert step0_seconds(LINE + "\n") is None  # the log starts later: no step 0 to read
     assert step0_seconds("no progress at all\n") is None
+
+
+def test_step0_seconds_of_a_staged_run_leave_out_its_wait_for_the_gpu():
+    from workers.progress import step0_seconds
+
+    log = "staged: held 40.250s for the GPU\nstep 0 | progress 0.0% | loss 9.0 | dt 45700ms | tok/s 11\n"
+    assert step0_seconds(log) == pytest.approx(5.45)

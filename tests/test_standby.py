@@ -48,7 +48,8 @@ def standby_of(tmp_path: Path, source: str, *, standby: bool):
     run_dir = tmp_path / "run"
     run_dir.mkdir(exist_ok=True)
     (run_dir / "data.txt").write_text("from the run directory")
-    return run(source, tmp_path, env={"AUTORESEARCH_PROFILE": "tiny"},
+    # A standby handed the run at once is still importing: on a loaded machine that takes a while.
+    return run(source, tmp_path, env={"AUTORESEARCH_PROFILE": "tiny"}, timeout_s=120,
                standby=start_standby({}) if standby else None)
 
 

@@ -87,13 +87,21 @@ def last_progress(text: str) -> dict | None:
     return None
 
 
+HELD_LINE = re.compile(r"^staged: held ([\d.]+)s for the GPU$", re.MULTILINE)
+
+
 def step0_seconds(text: str) -> float | None:
     """The wall time of step 0, whose progress line comes first: torch.compile traces and builds
-    its kernels during it, so it is the run's compile time (short with a warm cache)."""
+    its kernels during it, so it is the run's compile time (short with a warm cache). A staged
+    run's wait for the GPU, which fell inside its step 0 (prepare's staging gate says how long),
+    is not."""
+    held = HELD_LINE.search(text)
     for line in _LINE_SPLIT.split(text):
         parsed = parse_progress(line)
         if parsed is not None:
-            return parsed["step_ms"] / 1000 if parsed["step"] == 0 and parsed["step_ms"] is not None else None
+            if parsed["step"] != 0 or parsed["step_ms"] is None:
+                return None
+            return max(0.0, parsed["step_ms"] / 1000 - (float(held.group(1)) if held else 0.0))
     return None
 
 

@@ -92,6 +92,10 @@ SEED_RANGE = 2**31 - 1  # seeds fit Postgres INTEGER and every RNG train.py may 
 TRAIN_QUEUE, CONFIRM_QUEUE = "train", "confirm"
 
 
+# A staged run holds for its GPU in prepare's training loader (workers/runner.py, stage_training).
+STAGING_HOLD = "make_dataloader"
+
+
 def gpu_queue(gpu_id: str) -> str:
     return f"gpu.{gpu_id}"
 
@@ -373,7 +377,8 @@ def claim(session: Session, *, run_id: str, holder: Holder, lease_s: float, stag
 
 def stage_next(session: Session, *, holder: Holder, lease_s: float, queues: list[str]) -> tuple[Claim, Dispatch] | None:
     """Claim, staged, the run this worker would take next from `queues` (in the order it drains
-    them, oldest first), while its GPU still trains the current one. A run on a shared queue is
+    them, oldest first), while its GPU still trains the current one. Only a train.py that calls
+    STAGING_HOLD can be held until its turn, so no other is staged. A run on a shared queue is
     left for another worker while one is idle. The staged run gets a new message on the worker's
     own queue, which it drains first, so that it comes back to this worker; the message it had
     finds the run claimed wherever it is delivered. Its `queue` stays: handed back, it goes
@@ -382,13 +387,15 @@ def stage_next(session: Session, *, holder: Holder, lease_s: float, queues: list
         """
         SELECT r.id FROM runs r JOIN experiments e ON e.id = r.experiment_id JOIN tags t ON t.name = e.tag
         WHERE r.status = :queued AND r.queue = ANY(:queues) AND NOT e.cancel_requested AND e.status = ANY(:live)
+              AND strpos(e.train_py, :holds) > 0
               AND (t.fingerprint IS NULL OR t.fingerprint::jsonb = CAST(:fingerprint AS jsonb))
               AND (r.queue = :own OR NOT EXISTS (
                    SELECT 1 FROM gpus g WHERE g.kind = :worker_gpu AND g.status = :idle AND g.id <> :gpu_id))
         ORDER BY array_position(CAST(:queues AS text[]), CAST(r.queue AS text)), r.queued_at
         LIMIT 1
         """
-    ), {"queued": QUEUED, "queues": queues, "live": list(LIVE_STATUSES), "fingerprint": json.dumps(holder.fingerprint),
+    ), {"queued": QUEUED, "queues": queues, "live": list(LIVE_STATUSES), "holds": STAGING_HOLD,
+        "fingerprint": json.dumps(holder.fingerprint),
         "own": gpu_queue(holder.gpu_id), "worker_gpu": WORKER_GPU, "idle": IDLE, "gpu_id": holder.gpu_id}).scalar()
     if run_id is None:
         return None
