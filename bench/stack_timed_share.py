@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stack_two_gpu import Api, submit_all, wait_pool, ts  # noqa: E402  (bench/, the script's own folder)
+from stack_two_gpu import Api, submit_all, ts, wait_pool  # noqa: E402  (bench/, the script's own folder)
 from stack_verdicts import wait_final  # noqa: E402
 
 from app.cli import api_url, start_stack  # noqa: E402
@@ -132,7 +132,7 @@ def main() -> int:
         [warm_id] = submit_all(api, f"warm-{stamp}", [("warm-up", "other", "fills the compile cache", baseline)])
         ids = submit_all(api, f"share-{stamp}", [(label, "other", label, source) for label, source in plan])
         records = [wait_final(api, experiment_id, deadline) for experiment_id in [warm_id, *ids]]
-        for label, record in zip(["warm-up", *(label for label, _ in plan)], records):
+        for label, record in zip(["warm-up", *(label for label, _ in plan)], records, strict=True):
             run = record["runs"][-1]
             log = (settings.runs_dir / record["id"] / run["id"] / "train.log").read_text(errors="replace")
             results["experiments"].append({"label": label, "status": record["status"], "val_bpb": record["val_bpb"],
@@ -152,7 +152,7 @@ def main() -> int:
         print("not every experiment ended with a verdict: no shares")
         return 1
     accounts = []
-    for before, entry in zip(entries, entries[1:]):
+    for before, entry in zip(entries, entries[1:], strict=False):
         entry["account"] = run_account(entry["run"], entry["log"], untimed_steps, settings.staged_start_lead_s,
                                        ts(before["verdict_at"]), ts(entry["verdict_at"]))
         accounts.append(entry["account"])
