@@ -16,7 +16,6 @@ prepared cache with the validation split (AUTORESEARCH_CACHE).
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from standby_start import wait_until_idle  # noqa: E402
+from start_table import print_start_table  # noqa: E402
 
 from workers import evaluator  # noqa: E402
 from workers.runner import start_evaluator_standby  # noqa: E402
@@ -58,12 +58,7 @@ def main() -> None:
                 assert evaluation.error is None, evaluation.error
                 assert evaluation.details["standby"] == (name == "standby"), "the standby was not used"
                 scores.add(evaluation.val_bpb)
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    print(f"host: {os.cpu_count()} cores, load average {load} (after), python {sys.version.split()[0]}; "
-          f"val_bpb {', '.join(f'{s:.7f}' for s in sorted(scores))}")
-    print(f"{'start':8} | median s | min s | max s | rounds")
-    for name, values in times.items():
-        print(f"{name:8} | {statistics.median(values):8.3f} | {min(values):5.3f} | {max(values):5.3f} | {len(values)}")
+    print_start_table(times, f"python {sys.version.split()[0]}; val_bpb {', '.join(f'{s:.7f}' for s in sorted(scores))}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ host it ran on: cores, load average, whether it ran as root (then train.py runs 
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from start_table import print_start_table  # noqa: E402  (bench/, the script's own folder)
+
 from workers.runner import run_training, start_standby  # noqa: E402
 
 IMPORTS_END = "USE_CUDA = torch.cuda.is_available()"
@@ -75,12 +76,8 @@ def main() -> None:
             seconds, used = to_first_line(run_dir, start_standby(ENV))
             assert used, "the new standby was not used"
             times["at once"].append(seconds)
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    print(f"host: {os.cpu_count()} cores, load average {load} (after), "
-          f"{'root: train.py sandboxed' if os.geteuid() == 0 else 'not root'}, python {sys.version.split()[0]}")
-    print(f"{'start':8} | median s | min s | max s | rounds")
-    for name, values in times.items():
-        print(f"{name:8} | {statistics.median(values):8.3f} | {min(values):5.3f} | {max(values):5.3f} | {len(values)}")
+    print_start_table(times, f"{'root: train.py sandboxed' if os.geteuid() == 0 else 'not root'}, "
+                             f"python {sys.version.split()[0]}")
 
 
 if __name__ == "__main__":
