@@ -401,7 +401,7 @@ def stage_next(session: Session, *, holder: Holder, lease_s: float, queues: list
         return None
     try:
         staged = claim(session, run_id=run_id, holder=holder, lease_s=lease_s, staged=True)
-    except SetupMismatch:  # the tag was pinned since the look: left for the workers of its setup
+    except (SetupMismatch, Draining):  # pinned since the look to another setup; or this worker is leaving
         return None
     if staged is None:
         return None
