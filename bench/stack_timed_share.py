@@ -100,7 +100,9 @@ def run_account(run: dict, log: str, untimed_steps: int, lead_s: float, verdict_
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="h100")
-    parser.add_argument("--warmup-profile", default="h100-short")
+    parser.add_argument("--warmup-profile", default="h100-short",
+                        help="'none': no warm-up; the first experiment, train.py, then fills the compile cache "
+                             "and only the later ones are measured")
     parser.add_argument("--code-edits", type=int, default=1, choices=(1, 2))
     parser.add_argument("--budget-s", type=float, default=1500, help="seconds from start to the last verdict")
     parser.add_argument("--cpu-workers", type=int, default=0,
@@ -127,12 +129,16 @@ def main() -> int:
     stamp = time.strftime("%H%M%S")
     try:
         wait_pool(api, 1)
-        api.post("/api/experiment/setup", {"tag": f"warm-{stamp}", "profile": args.warmup_profile})
+        labels = [label for label, _ in plan]
+        ids = []
+        if args.warmup_profile != "none":
+            api.post("/api/experiment/setup", {"tag": f"warm-{stamp}", "profile": args.warmup_profile})
+            ids = submit_all(api, f"warm-{stamp}", [("warm-up", "other", "fills the compile cache", baseline)])
+            labels.insert(0, "warm-up")
         api.post("/api/experiment/setup", {"tag": f"share-{stamp}", "profile": args.profile})
-        [warm_id] = submit_all(api, f"warm-{stamp}", [("warm-up", "other", "fills the compile cache", baseline)])
-        ids = submit_all(api, f"share-{stamp}", [(label, "other", label, source) for label, source in plan])
-        records = [wait_final(api, experiment_id, deadline) for experiment_id in [warm_id, *ids]]
-        for label, record in zip(["warm-up", *(label for label, _ in plan)], records, strict=True):
+        ids += submit_all(api, f"share-{stamp}", [(label, "other", label, source) for label, source in plan])
+        records = [wait_final(api, experiment_id, deadline) for experiment_id in ids]
+        for label, record in zip(labels, records, strict=True):
             run = record["runs"][-1]
             log = (settings.runs_dir / record["id"] / run["id"] / "train.log").read_text(errors="replace")
             results["experiments"].append({"label": label, "status": record["status"], "val_bpb": record["val_bpb"],
@@ -156,6 +162,7 @@ def main() -> int:
         entry["account"] = run_account(entry["run"], entry["log"], untimed_steps, settings.staged_start_lead_s,
                                        ts(before["verdict_at"]), ts(entry["verdict_at"]))
         accounts.append(entry["account"])
+    # From the verdict on the warm-up (or on the first experiment, which then warmed the cache).
     window = ts(entries[-1]["verdict_at"]) - ts(entries[0]["verdict_at"])
     timed = sum(a["timed_s"] for a in accounts)
     results["window_s"], results["timed_s"], results["timed_share"] = round(window, 3), timed, round(timed / window, 4)
@@ -171,7 +178,7 @@ def main() -> int:
     for entry in entries[1:]:
         print(f"| {entry['label']} | " + " | ".join(str(entry["account"][c]) for c in columns)
               + f" | {entry['run']['staging']} |")
-    print(f"\ntimed share from the warm-up's verdict to the last: {timed:.1f} s of {window:.1f} s = "
+    print(f"\ntimed share from the first verdict to the last: {timed:.1f} s of {window:.1f} s = "
           f"{100 * timed / window:.2f} %")
     return 0
 
