@@ -8,7 +8,7 @@ from conftest_data import registration
 from sqlalchemy import select, update
 
 from app.db import transaction
-from app.models import RUNNING, TRAINING, WORKER_GPU, Gpu, Run
+from app.models import RUNNING, TRAINING, WORKER_GPU, Experiment, Gpu, Run
 from app.services import experiments as exp_svc
 from app.services import lifecycle, pool, runs
 
@@ -82,3 +82,24 @@ def test_a_staged_run_whose_message_was_lost_gets_one_on_its_workers_queue(db, q
     with transaction(db) as session:
         resent = runs.redispatch_lost_messages(session, present_task_ids=set(), min_age_s=0.0)
     assert [(d.run_id, d.queue) for d in resent if d.run_id == holds] == [(holds, lifecycle.gpu_queue(HOLDER.gpu_id))]
+
+
+def test_a_staged_run_goes_back_to_its_queue_once_another_worker_is_idle(db, queued):
+    _, holds = queued
+    with transaction(db) as session:
+        session.execute(update(Gpu).where(Gpu.id == "staging-gpu1").values(status=TRAINING))
+    claim, _ = stage(db)
+    with transaction(db) as session:
+        assert lifecycle.unstage_for_idle(session, run_id=holds, holder=HOLDER) is None  # the other one is busy
+        session.execute(update(Gpu).where(Gpu.id == "staging-gpu1").values(status="idle"))
+    with transaction(db) as session:
+        given_back = lifecycle.unstage_for_idle(session, run_id=holds, holder=HOLDER)
+    assert (given_back.run_id, given_back.queue) == (holds, "train")
+    with transaction(db) as session:
+        run = session.get(Run, holds)
+        assert (run.status, run.lease_token, run.claimed_at, run.task_id) == ("queued", None, None, given_back.task_id)
+        assert session.get(Experiment, claim.experiment_id).status == "queued"
+        # Taken by the idle worker as any queued run; the worker that staged it holds nothing.
+        other = lifecycle.Holder(gpu_id="staging-gpu1", token="other", fingerprint=HOLDER.fingerprint)
+        assert lifecycle.claim(session, run_id=holds, holder=other, lease_s=60.0) is not None
+        assert lifecycle.take_staged(session, run_id=holds, holder=HOLDER, staging=None) is None

@@ -227,6 +227,14 @@ def look_after_staged(settings: Settings, holder: lifecycle.Holder, policy: life
     with transaction(settings.database_url) as session:
         standing = lifecycle.report_progress(session, run_id=claim.run_id, token=holder.token, progress=None,
                                              log_tail=tail_log(process.started.log_path, STORED_LOG_BYTES))
+        given_back = (lifecycle.unstage_for_idle(session, run_id=claim.run_id, holder=holder)
+                      if standing.held and not standing.cancel_requested else None)
+    if given_back is not None:
+        _next_run = None
+        process.discard()
+        send_all([given_back], settings.broker_url)
+        log.info("staged run %s given back to %s: another worker is idle", claim.run_id, given_back.queue)
+        return
     if standing.held and not standing.cancel_requested:
         return
     _next_run = None

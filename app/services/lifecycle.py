@@ -78,7 +78,8 @@ EXPERIMENT_MOVES: dict[str, frozenset[str]] = {
 }
 RUN_MOVES: dict[str, frozenset[str]] = {
     QUEUED: frozenset({RUNNING, CANCELLED}),
-    RUNNING: frozenset({FINISHED, CRASH, TIMEOUT, CANCELLED, LOST, RELEASED, PRUNED}),
+    # Back to QUEUED only while staged, before it had its GPU (unstage_for_idle).
+    RUNNING: frozenset({FINISHED, CRASH, TIMEOUT, CANCELLED, LOST, RELEASED, PRUNED, QUEUED}),
 }
 
 # A run lost with its worker is queued again this many times in all (per replicate), then the
@@ -379,26 +380,24 @@ def stage_next(session: Session, *, holder: Holder, lease_s: float, queues: list
     """Claim, staged, the run this worker would take next from `queues` (in the order it drains
     them, oldest first), while its GPU still trains the current one. Only a train.py that calls
     STAGING_HOLD can be held until its turn, so no other is staged. A run on a shared queue is
-    left for another worker while one is idle. The staged run gets a new message on the worker's
-    own queue, which it drains first, so that it comes back to this worker; the message it had
-    finds the run claimed wherever it is delivered. Its `queue` stays: handed back, it goes
-    where it came from."""
-    run_id = session.execute(text(
+    left for another worker while one is idle (and given back when one becomes idle:
+    unstage_for_idle). The staged run gets a new message on the worker's own queue, which it
+    drains first, so that it comes back to this worker; the message it had finds the run claimed
+    wherever it is delivered. Its `queue` stays: given back, it goes where it came from."""
+    candidate = session.execute(text(
         """
-        SELECT r.id FROM runs r JOIN experiments e ON e.id = r.experiment_id JOIN tags t ON t.name = e.tag
+        SELECT r.id, r.queue FROM runs r JOIN experiments e ON e.id = r.experiment_id JOIN tags t ON t.name = e.tag
         WHERE r.status = :queued AND r.queue = ANY(:queues) AND NOT e.cancel_requested AND e.status = ANY(:live)
               AND strpos(e.train_py, :holds) > 0
               AND (t.fingerprint IS NULL OR t.fingerprint::jsonb = CAST(:fingerprint AS jsonb))
-              AND (r.queue = :own OR NOT EXISTS (
-                   SELECT 1 FROM gpus g WHERE g.kind = :worker_gpu AND g.status = :idle AND g.id <> :gpu_id))
         ORDER BY array_position(CAST(:queues AS text[]), CAST(r.queue AS text)), r.queued_at
         LIMIT 1
         """
     ), {"queued": QUEUED, "queues": queues, "live": list(LIVE_STATUSES), "holds": STAGING_HOLD,
-        "fingerprint": json.dumps(holder.fingerprint),
-        "own": gpu_queue(holder.gpu_id), "worker_gpu": WORKER_GPU, "idle": IDLE, "gpu_id": holder.gpu_id}).scalar()
-    if run_id is None:
+        "fingerprint": json.dumps(holder.fingerprint)}).one_or_none()
+    if candidate is None or _another_worker_may_take(session, holder, candidate.queue):
         return None
+    run_id = candidate.id
     try:
         staged = claim(session, run_id=run_id, holder=holder, lease_s=lease_s, staged=True)
     except (SetupMismatch, Draining):  # pinned since the look to another setup; or this worker is leaving
@@ -408,6 +407,36 @@ def stage_next(session: Session, *, holder: Holder, lease_s: float, queues: list
     task_id = session.execute(update(Run).where(Run.id == run_id).values(task_id=str(uuid.uuid4()))
                               .returning(Run.task_id).execution_options(synchronize_session=False)).scalar_one()
     return staged, Dispatch(run_id, task_id, gpu_queue(holder.gpu_id))
+
+
+def _another_worker_may_take(session: Session, holder: Holder, queue: str) -> bool:
+    """A run on a shared queue is another worker's to take at once while one is idle."""
+    return queue != gpu_queue(holder.gpu_id) and bool(session.scalar(select(func.count()).select_from(Gpu).where(
+        Gpu.kind == WORKER_GPU, Gpu.status == IDLE, Gpu.id != holder.gpu_id)))
+
+
+def unstage_for_idle(session: Session, *, run_id: str, holder: Holder) -> Dispatch | None:
+    """Give a staged run back to its queue, with a new message, once another worker is idle:
+    that worker trains it now rather than after this worker's current run. None while it stays."""
+    experiment_id = session.scalar(select(Run.experiment_id).where(Run.id == run_id))
+    if experiment_id is None:
+        return None
+    _locked_experiment(session, experiment_id)
+    queue = session.scalar(select(Run.queue).where(Run.id == run_id))
+    if not _another_worker_may_take(session, holder, queue):
+        return None
+    row = session.execute(
+        update(Run).where(Run.id == run_id, Run.status.in_(_sources(RUN_MOVES, QUEUED, [RUNNING])),
+                          Run.lease_token == holder.token, Run.gpu_granted_at.is_(None))
+        .values(status=QUEUED, lease_holder=None, lease_token=None, lease_expires_at=None, claimed_at=None,
+                gpu_id=None, gpu_index=None, gpu_model=None, host=None, task_id=str(uuid.uuid4()))
+        .returning(Run.task_id).execution_options(synchronize_session=False)
+    ).one_or_none()
+    if row is None:
+        return None
+    if not _any_running(session, experiment_id):
+        move_experiment(session, experiment_id, QUEUED, only_from=[RUNNING])
+    return Dispatch(run_id, row.task_id, queue)
 
 
 def take_staged(session: Session, *, run_id: str, holder: Holder, staging: dict | None) -> Claim | None:
