@@ -103,7 +103,7 @@ def main() -> int:
     parser.add_argument("--warmup-profile", default="h100-short",
                         help="'none': no warm-up; the first experiment, train.py, then fills the compile cache "
                              "and only the later ones are measured")
-    parser.add_argument("--code-edits", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--code-edits", type=int, default=1, choices=(0, 1, 2))
     parser.add_argument("--budget-s", type=float, default=1500, help="seconds from start to the last verdict")
     parser.add_argument("--cpu-workers", type=int, default=0,
                         help="a check of this script where there is no GPU: a CPU worker (tiny profiles)")
