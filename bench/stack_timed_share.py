@@ -104,6 +104,8 @@ def main() -> int:
                         help="'none': no warm-up; the first experiment, train.py, then fills the compile cache "
                              "and only the later ones are measured")
     parser.add_argument("--code-edits", type=int, default=1, choices=(0, 1, 2))
+    parser.add_argument("--edits-only", action="store_true",
+                        help="measure the edits only, without the unchanged train.py first (the warm-up has it)")
     parser.add_argument("--budget-s", type=float, default=1500, help="seconds from start to the last verdict")
     parser.add_argument("--cpu-workers", type=int, default=0,
                         help="a check of this script where there is no GPU: a CPU worker (tiny profiles)")
@@ -122,7 +124,8 @@ def main() -> int:
     baseline = (ROOT / "train.py").read_text()
     gpu_untimed, cpu_untimed = map(int, UNTIMED_STEPS_LINE.search(baseline).groups())
     untimed_steps = cpu_untimed if args.cpu_workers else gpu_untimed
-    plan = [("train.py", baseline), ("constant", edited(baseline, "constant"))]
+    plan = [] if args.edits_only else [("train.py", baseline)]
+    plan.append(("constant", edited(baseline, "constant")))
     plan += [(name, edited(baseline, name)) for name in list(EDITS)[1:1 + args.code_edits]]
     results: dict = {"profile": args.profile, "warmup_profile": args.warmup_profile, "workers": workers,
                      "lead_s": settings.staged_start_lead_s, "experiments": []}
