@@ -718,6 +718,7 @@ class _StagingGate:
 
     def __init__(self, fd, batches):
         self.fd = fd
+        self.batches = batches
         self.batches_left = batches
 
     @classmethod
@@ -747,8 +748,9 @@ class _StagingGate:
         if not go:
             print("staged run discarded by its worker before its turn on the GPU", file=sys.stderr, flush=True)
             os._exit(1)
-        # The worker takes this wait out of step 0's time, which it reports as the compile's.
-        print(f"staged: held {time.time() - held_since:.3f}s for the GPU", flush=True)
+        # Held before batch 1 or later, the wait falls inside step 0, whose time the worker
+        # reports as the compile's: it takes the wait out.
+        print(f"staged: held {time.time() - held_since:.3f}s for the GPU before batch {self.batches}", flush=True)
 
 
 # ---------------------------------------------------------------------------

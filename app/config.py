@@ -82,6 +82,12 @@ def broker_url_from(raw: str, setting: str = "CELERY_BROKER_URL") -> str:
     return raw
 
 
+def project_pythonpath() -> str:
+    """PYTHONPATH for the processes a worker starts (train.py, the evaluator): the project first,
+    for prepare.py and the workers package, then the worker's own, where packages may live."""
+    return os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def _number(env: Mapping[str, str], name: str, default: float, kind=float):
     raw = env.get(name)
     if raw is None or raw == "":

@@ -71,3 +71,12 @@ def test_a_workers_evaluation_starts_from_its_standby(request):
     record, run = scored(client, TRAIN_PY, "baseline")
     assert_honest(record, run)
     assert run["scoring"]["standby"] is True
+
+
+def test_the_evaluator_finds_the_packages_the_worker_finds(monkeypatch):
+    """Where the worker's packages come from PYTHONPATH (no venv), the evaluator must see them too."""
+    from app.config import PROJECT_ROOT
+    from workers import evaluator
+
+    monkeypatch.setenv("PYTHONPATH", "/opt/site-packages")
+    assert evaluator.standing_env("0")["PYTHONPATH"] == f"{PROJECT_ROOT}{os.pathsep}/opt/site-packages"

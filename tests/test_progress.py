@@ -144,5 +144,7 @@ def test_step0_seconds_is_the_first_progress_line_when_it_is_step_0():
 def test_step0_seconds_of_a_staged_run_leave_out_its_wait_for_the_gpu():
     from workers.progress import step0_seconds
 
-    log = "staged: held 40.250s for the GPU\nstep 0 | progress 0.0% | loss 9.0 | dt 45700ms | tok/s 11\n"
-    assert step0_seconds(log) == pytest.approx(5.45)
+    step0 = "step 0 | progress 0.0% | loss 9.0 | dt 45700ms | tok/s 11\n"
+    assert step0_seconds("staged: held 40.250s for the GPU before batch 1\n" + step0) == pytest.approx(5.45)
+    # Held before the first batch: before train.py's step 0 began.
+    assert step0_seconds("staged: held 40.250s for the GPU before batch 0\n" + step0) == 45.7

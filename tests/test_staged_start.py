@@ -99,7 +99,7 @@ def test_a_staged_run_holds_before_its_batch_until_let_go(tmp_path, run_env, bat
     times = batch_times(result.log_tail)
     assert sorted(times) == [0, 1, 2]
     assert all(times[n] >= let_go for n in range(batches, 3))
-    assert re.search(r"^staged: held [\d.]+s for the GPU$", result.log_tail, re.MULTILINE)
+    assert re.search(rf"^staged: held [\d.]+s for the GPU before batch {batches}$", result.log_tail, re.MULTILINE)
     assert staged.record()["held"] and staged.record()["batches"] == batches
 
 

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.config import PROJECT_ROOT
+from app.config import project_pythonpath
 from workers.standby import Standby
 
 ARTIFACT_FILENAME = "model.pt2"  # in the run directory; its path reaches train.py as AUTORESEARCH_EXPORT_PATH
@@ -79,7 +79,7 @@ def standing_env(visible_devices: str) -> dict[str, str]:
     (workers.runner.start_evaluator_standby) starts with it. The profile and cache come at the
     hand-over, before prepare.py, which reads them at import, is imported."""
     env = {name: os.environ[name] for name in PASSED_VARIABLES if name in os.environ}
-    env.update(CUDA_VISIBLE_DEVICES=visible_devices, PYTHONPATH=str(PROJECT_ROOT), PYTHONUNBUFFERED="1")
+    env.update(CUDA_VISIBLE_DEVICES=visible_devices, PYTHONPATH=project_pythonpath(), PYTHONUNBUFFERED="1")
     return env
 
 

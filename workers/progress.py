@@ -87,21 +87,22 @@ def last_progress(text: str) -> dict | None:
     return None
 
 
-HELD_LINE = re.compile(r"^staged: held ([\d.]+)s for the GPU$", re.MULTILINE)
+HELD_LINE = re.compile(r"^staged: held ([\d.]+)s for the GPU before batch (\d+)$", re.MULTILINE)
 
 
 def step0_seconds(text: str) -> float | None:
     """The wall time of step 0, whose progress line comes first: torch.compile traces and builds
     its kernels during it, so it is the run's compile time (short with a warm cache). A staged
-    run's wait for the GPU, which fell inside its step 0 (prepare's staging gate says how long),
-    is not."""
+    run's wait for the GPU is not, where it fell inside step 0: held before a later batch than
+    the first (prepare's staging gate says how long, and before which batch)."""
     held = HELD_LINE.search(text)
+    waited = float(held.group(1)) if held and int(held.group(2)) > 0 else 0.0
     for line in _LINE_SPLIT.split(text):
         parsed = parse_progress(line)
         if parsed is not None:
             if parsed["step"] != 0 or parsed["step_ms"] is None:
                 return None
-            return max(0.0, parsed["step_ms"] / 1000 - (float(held.group(1)) if held else 0.0))
+            return max(0.0, parsed["step_ms"] / 1000 - waited)
     return None
 
 

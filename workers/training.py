@@ -34,7 +34,7 @@ from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app.config import PROJECT_ROOT, Settings, load_settings
+from app.config import Settings, load_settings, project_pythonpath
 from app.db import transaction
 from app.dispatch import send_all
 from app.errors import Conflict
@@ -92,7 +92,7 @@ def standing_env(gpu_index: int) -> dict[str, str]:
     interpreter starts with it."""
     env = {
         # prepare.py stays in the project: the run directory holds only the experiment's train.py.
-        "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        "PYTHONPATH": project_pythonpath(),
         "CUDA_VISIBLE_DEVICES": visible_devices(gpu_index),
     }
     env.update(cpu_share_env(gpus_on_host=len(list_gpus()), cores=os.cpu_count() or 1))
