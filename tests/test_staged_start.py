@@ -5,7 +5,6 @@ run ahead of it has been recorded, and a cancel or a shutdown leaves no process 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import textwrap
 import time
@@ -13,14 +12,12 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import redis
 from test_runner import SUMMARY, pid_alive
-from test_standby import start_worker
+from test_standby import cpu_worker, start_worker
 from test_workers import new_tag, submit, wait_for, wait_until, writable_by_train_py
 
 import prepare
 from app.config import PROJECT_ROOT, load_settings
-from app.web import create_app
 from workers import runner, sandbox
 from workers.runner import run_training, stage_training, start_standby
 
@@ -131,21 +128,9 @@ def test_a_staged_run_that_takes_no_batch_is_not_usable(tmp_path, run_env):
 
 @pytest.fixture(scope="module")
 def staging_worker(database_url, redis_url, tiny_cache, tmp_path_factory):
-    state = tmp_path_factory.mktemp("state")
-    settings = dataclasses.replace(
-        load_settings({}), database_url=database_url, broker_url=redis_url, result_backend=redis_url,
-        external_database=True, external_broker=True, state_dir=state, cache_dir=tiny_cache,
-        default_profile="tiny", kill_timeout=120.0, heartbeat_interval=1.0, stale_after=4.0, baseline_runs=1,
-        trusted_scoring=False,  # stand-in train.py files: their printed number stands
-        staged_start_lead_s=60.0,
-    )
-    redis.Redis.from_url(redis_url).flushdb()
-    client = create_app(settings).test_client()
-    stack, gpu_id = start_worker(settings, state / "logs", client)
-    try:
-        yield {"client": client, "settings": settings, "stack": stack, "gpu_id": gpu_id}
-    finally:
-        stack.stop_all()
+    with cpu_worker(database_url, redis_url, tiny_cache, tmp_path_factory.mktemp("state"),
+                    staged_start_lead_s=60.0) as worker:
+        yield worker
 
 
 def run_of(client, experiment_id: str) -> dict:

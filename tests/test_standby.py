@@ -4,6 +4,7 @@ worker that a run starts from it and no standby outlives a cancel or a warm shut
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -132,14 +133,15 @@ def start_worker(settings, log_dir: Path, client) -> tuple[Stack, str]:
     return stack, gpu_id
 
 
-@pytest.fixture(scope="module")
-def one_worker(database_url, redis_url, tiny_cache, tmp_path_factory):
-    state = tmp_path_factory.mktemp("state")
+@contextlib.contextmanager
+def cpu_worker(database_url, redis_url, tiny_cache, state: Path, **settings_overrides):
+    """One CPU worker for stand-in train.py files (their printed number stands), with the API's
+    test client: {"client", "settings", "stack", "gpu_id"}."""
     settings = dataclasses.replace(
         load_settings({}), database_url=database_url, broker_url=redis_url, result_backend=redis_url,
         external_database=True, external_broker=True, state_dir=state, cache_dir=tiny_cache,
         default_profile="tiny", kill_timeout=120.0, heartbeat_interval=1.0, stale_after=4.0, baseline_runs=1,
-        trusted_scoring=False,  # stand-in train.py files: their printed number stands
+        trusted_scoring=False, **settings_overrides,
     )
     redis.Redis.from_url(redis_url).flushdb()
     client = create_app(settings).test_client()
@@ -148,6 +150,12 @@ def one_worker(database_url, redis_url, tiny_cache, tmp_path_factory):
         yield {"client": client, "settings": settings, "stack": stack, "gpu_id": gpu_id}
     finally:
         stack.stop_all()
+
+
+@pytest.fixture(scope="module")
+def one_worker(database_url, redis_url, tiny_cache, tmp_path_factory):
+    with cpu_worker(database_url, redis_url, tiny_cache, tmp_path_factory.mktemp("state")) as worker:
+        yield worker
 
 
 def standbys(worker_pid: int) -> list[psutil.Process]:
